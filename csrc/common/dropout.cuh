@@ -1,0 +1,40 @@
+// Counter-based dropout mask: a pure function of (seed, row*k + col), so backward regenerates exactly the
+// mask forward used without storing it. Bit-identical twin: qlora_ext.reference.dropout_mask.
+//   fmix32 = MurmurHash3's 32-bit finalizer (good avalanche, 5 ALU ops).
+//   key    = fmix32(uint32(seed) ^ fmix32(uint32(seed >> 32) + 0x9E3779B9))       (host, once per op)
+//   h      = fmix32(fmix32(uint32(idx) ^ key) ^ uint32(idx >> 32));  keep = h >= thresh
+//   thresh = uint32(min(floor(p * 2^32), 2^32 - 1))                                (host, once per op)
+#pragma once
+
+#include <cstdint>
+#include <cmath>
+#include <cuda_runtime.h>  // __host__/__device__/__forceinline__ when included from plain C++
+
+// Global namespace on purpose: kernels in other files use these names unqualified (contract signatures).
+
+__host__ __device__ __forceinline__ uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+__host__ inline uint32_t dropout_key(int64_t seed) {
+  const uint64_t s = static_cast<uint64_t>(seed);  // two's complement reinterpretation, as Python's & 0xFFFFFFFF
+  return fmix32(static_cast<uint32_t>(s) ^ fmix32(static_cast<uint32_t>(s >> 32) + 0x9E3779B9u));
+}
+
+// p in [0, 1). floor(p * 2^32) is exact in double for p's 53-bit mantissa; clamp keeps p -> 1 from wrapping.
+__host__ inline uint32_t dropout_threshold(double p) {
+  if (!(p > 0.0)) return 0u;
+  const double t = std::floor(p * 4294967296.0);
+  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+}
+
+// idx = row * k + col over the [m, k] activation (uint64, so m*k beyond 2^32 keeps distinct counters).
+__device__ __forceinline__ bool dropout_keep(uint32_t key, uint32_t thresh, uint64_t idx) {
+  const uint32_t h = fmix32(fmix32(static_cast<uint32_t>(idx) ^ key) ^ static_cast<uint32_t>(idx >> 32));
+  return h >= thresh;
+}

@@ -1,0 +1,339 @@
+// Shared tile machinery of the two NF4-decoding GEMMs (Ampere-style path, sm80+):
+//   qlora_fwd    y  = x·wᵀ  (+ LoRA)   W tile stored [n][k]: the MMA B operand as is        (BLayout::kNK)
+//   qlora_bwd_dx dx = dy·w  (+ LoRA)   W tile stored [n][k]: read transposed by ldmatrix.trans (BLayout::kKN)
+// Both decode packed NF4 from shared memory into a bf16/fp16 tile (never to global), then feed ldmatrix →
+// mma.sync. A CTA is 8 warps in a 2 (M) x 4 (N) grid; each warp owns a 64x32 fp32 accumulator tile
+// (4 m16 x 4 n8 MMA tiles). All shared tiles are row-major with 8 elements (16 B) of padding per row: the row
+// pitch is then an odd number of 16-byte units, so the 8 rows an ldmatrix phase (or a 128-bit store phase)
+// touches fall in 8 different bank groups — conflict-free without a swizzle.
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common/dropout.cuh"
+#include "common/mma_sm80.cuh"
+#include "common/nf4.cuh"
+
+namespace qlora {
+
+// ---- CTA geometry (shared by both kernels) -------------------------------------------------------------
+constexpr int kThreads = 256;          // 8 warps: enough MMA issue per SM at 1 CTA/SM, 256 threads = one
+                                       // 16-byte packed-W chunk per thread per stage (see decode below)
+constexpr int kWarpsM = 2, kWarpsN = 4;
+constexpr int kBlockM = 128;           // CTA rows (m)
+constexpr int kBlockN = 128;           // CTA output columns (n for forward, k for dx)
+constexpr int kWarpM = kBlockM / kWarpsM;  // 64 rows per warp  = 4 m16 tiles
+constexpr int kWarpN = kBlockN / kWarpsN;  // 32 cols per warp  = 4 n8 tiles
+constexpr int kMmaM = kWarpM / 16;
+constexpr int kMmaN = kWarpN / 8;
+constexpr int kTileK = 64;             // reduction step per stage = NF4 blocksize
+constexpr int kPad = 8;                // elements of row padding (16 B) in every shared tile
+constexpr int kMaxStages = 4;          // cp.async ring depth when shared memory allows it
+constexpr int kPackedStageBytes = 4096;  // packed W per stage: 128x64 or 64x128 nibbles = 256 threads x 16 B
+static_assert(kWarpsM * kWarpsN * 32 == kThreads, "warp grid must cover the CTA");
+static_assert(kPackedStageBytes == kThreads * 16, "one 16-byte packed chunk per thread per stage");
+
+using Acc = float[kMmaM][kMmaN][4];    // per-warp accumulator tile, mma D-fragment order
+
+// ---- element traits: the only place bf16 and fp16 differ --------------------------------------------------
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<__nv_bfloat16> {
+  // Round-to-nearest-even like torch's .to(bfloat16); lo lands in the low 16 bits (= lower address).
+  __device__ __forceinline__ static uint32_t pack2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ __forceinline__ static float2 unpack2(uint32_t v) {
+    return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xFFFF0000u));
+  }
+  __device__ __forceinline__ static float to_float(uint16_t v) { return __uint_as_float(uint32_t(v) << 16); }
+  __device__ __forceinline__ static uint16_t from_float(float f) {
+    __nv_bfloat16 h = __float2bfloat16_rn(f);
+    return *reinterpret_cast<uint16_t*>(&h);
+  }
+};
+
+template <>
+struct Elem<__half> {
+  __device__ __forceinline__ static uint32_t pack2(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ __forceinline__ static float2 unpack2(uint32_t v) {
+    return __half22float2(*reinterpret_cast<__half2*>(&v));
+  }
+  __device__ __forceinline__ static float to_float(uint16_t v) {
+    return __half2float(*reinterpret_cast<__half*>(&v));
+  }
+  __device__ __forceinline__ static uint16_t from_float(float f) {
+    __half h = __float2half_rn(f);
+    return *reinterpret_cast<uint16_t*>(&h);
+  }
+};
+
+// ---- ldmatrix lane addressing (byte offsets into a padded row-major tile of 2-byte elements) ---------------
+// A operand, m16 x k16 at (row0, 0): lanes 0-15 point at rows 0-15 col 0, lanes 16-31 at rows 0-15 col 8,
+// so registers 0..3 are (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
+// = a[0..3] of mma.m16n8k16.
+__device__ __forceinline__ int ldsm_a_offset(int row0, int lane, int stride) {
+  return ((row0 + (lane & 15)) * stride + (lane >> 4) * 8) * 2;
+}
+// B operand from a tile stored [n][k] (k contiguous), two n8 tiles x k16 at (n0, 0): matrices are
+// (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) = {b0, b1} of n-tile 0, then n-tile 1.
+__device__ __forceinline__ int ldsm_b_nk_offset(int n0, int lane, int stride) {
+  return ((n0 + (lane & 7) + ((lane >> 4) << 3)) * stride + ((lane >> 3) & 1) * 8) * 2;
+}
+// B operand from a tile stored [k][n] (n contiguous), read with .trans, k16 x two n8 tiles at (0, n0):
+// matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15) = same register order as above.
+__device__ __forceinline__ int ldsm_b_kn_offset(int n0, int lane, int stride) {
+  return (((lane & 7) + (((lane >> 3) & 1) << 3)) * stride + n0 + ((lane >> 4) << 3)) * 2;
+}
+
+enum class BLayout { kNK, kKN };  // how the B operand's shared tile is stored: [n][k] or [k][n]
+
+// Byte step inside a B tile for k16 step kk and n16 pair jp.
+template <BLayout kB, int kStride>
+__device__ __forceinline__ constexpr int b_step(int kk, int jp) {
+  return kB == BLayout::kNK ? (jp * 16 * kStride + kk * 16) * 2 : (kk * 16 * kStride + jp * 16) * 2;
+}
+
+template <BLayout kB>
+__device__ __forceinline__ void ldsm_b(uint32_t (&b)[4], uint32_t addr) {
+  if constexpr (kB == BLayout::kNK) ldsm_x4(b, addr);
+  else ldsm_x4_trans(b, addr);
+}
+
+// ---- warp-level MMA steps ---------------------------------------------------------------------------------
+// acc += A[64 warp rows][k16 step kk] · B[k16 step kk][32 warp cols]. a_base/b_base already include the
+// warp's tile origin and the lane offset from the ldsm_*_offset helpers above.
+template <typename T, BLayout kB, int kAStride, int kBStride>
+__device__ __forceinline__ void warp_mma_k16(Acc& acc, uint32_t a_base, uint32_t b_base, int kk) {
+  uint32_t a[kMmaM][4];
+  uint32_t b[kMmaN / 2][4];
+#pragma unroll
+  for (int i = 0; i < kMmaM; ++i) ldsm_x4(a[i], a_base + (i * 16 * kAStride + kk * 16) * 2);
+#pragma unroll
+  for (int jp = 0; jp < kMmaN / 2; ++jp) ldsm_b<kB>(b[jp], b_base + b_step<kB, kBStride>(kk, jp));
+#pragma unroll
+  for (int i = 0; i < kMmaM; ++i)
+#pragma unroll
+    for (int j = 0; j < kMmaN; ++j)
+      mma_m16n8k16<T>(acc[i][j], a[i], b[j >> 1][(j & 1) * 2], b[j >> 1][(j & 1) * 2 + 1]);
+}
+
+// Rank-wide product of one m16 A fragment: acc_r[jn] += a · B[k16 step kk][8 jn .. 8 jn + 7] for all kRPad/8
+// n8 tiles. This is the LoRA shrink (u, g) riding on A fragments the main GEMM already staged.
+template <typename T, BLayout kB, int kRPad, int kBStride>
+__device__ __forceinline__ void warp_mma_rank_k16(float (&acc_r)[kRPad / 8][4], const uint32_t (&a)[4],
+                                                  uint32_t b_base, int kk) {
+#pragma unroll
+  for (int jp = 0; jp < kRPad / 16; ++jp) {
+    uint32_t b[4];
+    ldsm_b<kB>(b, b_base + b_step<kB, kBStride>(kk, jp));
+    mma_m16n8k16<T>(acc_r[2 * jp], a, b[0], b[1]);
+    mma_m16n8k16<T>(acc_r[2 * jp + 1], a, b[2], b[3]);
+  }
+}
+
+// LoRA expand for one m16 tile i of the warp: out[j] = L[16 rows][kRPad] · R[kRPad][8j..8j+7] over the
+// warp's 4 n8 tiles (L = u or g in shared memory, R = lora_B or lora_A tile). Fresh fp32 sums, so the caller
+// can scale or mask the LoRA term separately from the base GEMM.
+template <typename T, BLayout kB, int kRPad, int kAStride, int kBStride>
+__device__ __forceinline__ void warp_lora_expand(float (&out)[kMmaN][4], uint32_t a_base, uint32_t b_base,
+                                                 int i) {
+#pragma unroll
+  for (int j = 0; j < kMmaN; ++j) out[j][0] = out[j][1] = out[j][2] = out[j][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < kRPad / 16; ++kk) {
+    uint32_t a[4];
+    ldsm_x4(a, a_base + (i * 16 * kAStride + kk * 16) * 2);
+#pragma unroll
+    for (int jp = 0; jp < kMmaN / 2; ++jp) {
+      uint32_t b[4];
+      ldsm_b<kB>(b, b_base + b_step<kB, kBStride>(kk, jp));
+      mma_m16n8k16<T>(out[2 * jp], a, b[0], b[1]);
+      mma_m16n8k16<T>(out[2 * jp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Dropout applied to an A-fragment register (two adjacent columns of one row; idx = row*k + col of the low
+// one): keep ? out_dtype(fp32(x) * fp32(1/(1-p))) : 0 — the contract's rounding, same as reference.dropout.
+template <typename T>
+__device__ __forceinline__ uint32_t dropout_pair(uint32_t v, uint64_t idx, uint32_t key, uint32_t thresh,
+                                                 float inv_keep) {
+  const float2 f = Elem<T>::unpack2(v);
+  const float lo = dropout_keep(key, thresh, idx) ? __fmul_rn(f.x, inv_keep) : 0.f;
+  const float hi = dropout_keep(key, thresh, idx + 1) ? __fmul_rn(f.y, inv_keep) : 0.f;
+  return Elem<T>::pack2(lo, hi);
+}
+
+// Round a warp's rank-wide accumulators (one m16 tile x kRPad) times `mul` to T and store them into a
+// padded [rows][kRPad + kPad] shared tile at row0 (C-fragment positions: rows g, g+8; cols 8 jn + 2t).
+template <typename T, int kRPad>
+__device__ __forceinline__ void store_rank_acc(const float (&acc_r)[kRPad / 8][4], float mul, uint16_t* tile,
+                                               int row0, int lane) {
+  constexpr int kStride = kRPad + kPad;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int jn = 0; jn < kRPad / 8; ++jn) {
+    uint16_t* p = tile + (row0 + g) * kStride + jn * 8 + 2 * t;
+    *reinterpret_cast<uint32_t*>(p) = Elem<T>::pack2(acc_r[jn][0] * mul, acc_r[jn][1] * mul);
+    *reinterpret_cast<uint32_t*>(p + 8 * kStride) = Elem<T>::pack2(acc_r[jn][2] * mul, acc_r[jn][3] * mul);
+  }
+}
+
+// Copy the CTA's [kBlockM][kRPad] rank tile (u or g) from shared memory to global out [m, r]; r may be odd,
+// so element stores (this runs once per CTA row, on one CTA column only).
+template <int kRPad>
+__device__ __forceinline__ void write_rank_tile(uint16_t* out, const uint16_t* tile, int64_t m0, int64_t m, int r,
+                                                int tid) {
+  constexpr int kStride = kRPad + kPad;
+  const int rows = static_cast<int>(m - m0 < kBlockM ? m - m0 : kBlockM);
+  for (int e = tid; e < rows * r; e += kThreads) {
+    const int row = e / r, col = e - row * r;
+    out[(m0 + row) * r + col] = tile[row * kStride + col];
+  }
+}
+
+// ---- global -> shared tile loaders ------------------------------------------------------------------------
+// [kRows][kCols] tile of a row-major matrix of 2-byte elements (leading dimension ld) whose (0, 0) element is
+// `origin` (always a valid element: it doubles as the dummy source of zero-fill copies). Rows >= rows_valid
+// and columns >= cols_valid land as zeros. Async path: 16-byte cp.async, needs ld % 8 == 0, cols_valid % 8 == 0
+// and a 16-byte-aligned origin.
+template <int kRows, int kCols>
+__device__ __forceinline__ void load_tile_async(uint16_t* tile, const uint16_t* origin, int64_t ld,
+                                                int64_t rows_valid, int64_t cols_valid, int tid) {
+  constexpr int kChunksPerRow = kCols / 8;
+  constexpr int kChunks = kRows * kChunksPerRow;
+  constexpr int kStride = kCols + kPad;
+#pragma unroll
+  for (int c0 = 0; c0 < kChunks; c0 += kThreads) {
+    const int c = c0 + tid;
+    if (kChunks % kThreads == 0 || c < kChunks) {
+      const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+      const bool valid = row < rows_valid && col < cols_valid;
+      const uint16_t* src = valid ? origin + row * ld + col : origin;
+      cp_async_16(smem_addr(tile + row * kStride + col), src, valid);
+    }
+  }
+}
+
+// Same tile through registers, one element per access: the fallback when the global rows are not 16-byte
+// aligned (dy with n % 8 != 0, lora_B with r % 8 != 0). Plain st.shared: visible after the next barrier.
+template <int kRows, int kCols>
+__device__ __forceinline__ void load_tile_sync(uint16_t* tile, const uint16_t* origin, int64_t ld,
+                                               int64_t rows_valid, int64_t cols_valid, int tid) {
+  constexpr int kStride = kCols + kPad;
+  for (int e = tid; e < kRows * kCols; e += kThreads) {
+    const int row = e / kCols, col = e % kCols;
+    tile[row * kStride + col] = (row < rows_valid && col < cols_valid) ? __ldg(origin + row * ld + col)
+                                                                        : uint16_t(0);
+  }
+}
+
+// ---- NF4 decode into shared memory ------------------------------------------------------------------------
+// A packed W tile covers kWRows rows x kWCols columns of w [n, k] (kWCols = 64 forward, 128 dx), i.e.
+// kWCols/64 whole NF4 blocks per row since k % 64 == 0. Thread tid owns one 16-byte chunk = 32 consecutive
+// elements = half a block: row tid / kParts, part tid % kParts. It both cp.asyncs and decodes that chunk, so
+// the packed bytes need no barrier — only the thread's own cp.async.wait_group.
+template <int kWRows, int kWCols>
+struct NF4TileDecoder {
+  static constexpr int kParts = kWCols / 32;  // 16-byte chunks per W row
+  static constexpr int kStride = kWCols + kPad;
+  static_assert(kWRows * kParts == kThreads, "one packed chunk per thread");
+
+  int row;          // row inside the tile
+  int part;         // 32-element chunk inside the row
+  int64_t k;        // columns of w
+
+  __device__ __forceinline__ NF4TileDecoder(int tid, int64_t k_) : row(tid / kParts), part(tid % kParts), k(k_) {}
+
+  // Issue the cp.async of this thread's chunk of the tile whose top-left element is (w_row0, w_col0).
+  // Out-of-range rows/cols read as zero bytes (decoded with scale 0 below, so they stay finite).
+  __device__ __forceinline__ void load(uint8_t* packed_stage, const NF4View& w, int64_t w_row0, int64_t w_col0,
+                                       int64_t n, int tid) const {
+    const int64_t r = w_row0 + row, c = w_col0 + part * 32;
+    const bool valid = r < n && c < k;
+    const uint8_t* src = valid ? w.w_nf4 + ((r * k + c) >> 1) : w.w_nf4;  // (r*k + c) even: c % 32 == 0
+    cp_async_16(smem_addr(packed_stage + tid * 16), src, valid);
+  }
+
+  // Scale of the block this thread's chunk belongs to (0 outside the weight). Issued early by the caller so
+  // the absmax / nested loads overlap with the MMAs of the current stage.
+  __device__ __forceinline__ float scale(const NF4View& w, int64_t w_row0, int64_t w_col0, int64_t n) const {
+    const int64_t r = w_row0 + row, c = w_col0 + part * 32;
+    if (r >= n || c >= k) return 0.f;
+    return nf4_block_scale(w, r * (k / nf4::kBlockSize) + c / nf4::kBlockSize);
+  }
+
+  // Decode the chunk: w = out_dtype(fp32(code[nibble] * scale)), bit-exact with bnb (no FMA: __fmul_rn, and
+  // the bf16/fp16 conversion rounds to nearest even). Byte j holds element 2j in its high nibble, so byte j
+  // becomes exactly output word j (element 2j in the low half). The 4 x 16-byte stores are issued in a
+  // rotated order (part >> 1 shifts by 2) so the 8 lanes of a store phase never hit one bank group twice.
+  template <typename T>
+  __device__ __forceinline__ void decode(uint16_t* wdec, const uint8_t* packed_stage, const float* code_s,
+                                         float s, int tid) const {
+    const uint4 packed = *reinterpret_cast<const uint4*>(packed_stage + tid * 16);
+    const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+    uint32_t out[16];
+#pragma unroll
+    for (int wi = 0; wi < 4; ++wi)
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const uint32_t byte = (words[wi] >> (8 * b)) & 0xFFu;
+        const float hi = __fmul_rn(code_s[byte >> 4], s);
+        const float lo = __fmul_rn(code_s[byte & 0xFu], s);
+        out[wi * 4 + b] = Elem<T>::pack2(hi, lo);
+      }
+    uint16_t* dst = wdec + row * kStride + part * 32;
+    // Rotation by 2 = q ^ 2; selecting between two compile-time indices keeps out[] in registers.
+    const bool rotate = kParts > 2 && (part & 2) != 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint4 a = make_uint4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
+      const int q2 = q ^ 2;
+      const uint4 b = make_uint4(out[4 * q2], out[4 * q2 + 1], out[4 * q2 + 2], out[4 * q2 + 3]);
+      *reinterpret_cast<uint4*>(dst + (rotate ? q2 : q) * 8) = rotate ? b : a;
+    }
+  }
+};
+
+}  // namespace qlora
+
+// ---- host helpers ---------------------------------------------------------------------------------------------
+#if !defined(__CUDACC_RTC__)
+#include <algorithm>
+#include <utility>
+
+namespace qlora {
+
+// Rank bucket: u / g and the LoRA tiles are padded with zeros to kRPad columns. Four buckets keep the
+// padded MMA work within 2x of r while the instantiation count stays small (2 dtypes x 4 ranks).
+template <typename F>
+void dispatch_rank(int64_t r, F&& f) {
+  if (r <= 16) f(std::integral_constant<int, 16>{});
+  else if (r <= 32) f(std::integral_constant<int, 32>{});
+  else if (r <= 64) f(std::integral_constant<int, 64>{});
+  else f(std::integral_constant<int, 128>{});
+}
+
+// Deepest cp.async ring (<= kMaxStages, >= 2) whose shared memory fits the device's opt-in limit;
+// 0 if even two stages do not fit.
+inline int pick_stages(int64_t fixed_bytes, int64_t stage_bytes, int64_t epilogue_bytes, int64_t limit) {
+  for (int s = kMaxStages; s >= 2; --s) {
+    const int64_t bytes = std::max(fixed_bytes + s * stage_bytes, epilogue_bytes);
+    if (bytes <= limit) return s;
+  }
+  return 0;
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace qlora
+#endif

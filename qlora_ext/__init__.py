@@ -1,0 +1,15 @@
+"""qlora_ext: QLoRA layers whose NF4 decode, frozen GEMM and LoRA path run as fused CUDA kernels.
+
+    y = x·wᵀ + s·(dropout(x)·lora_Aᵀ)·lora_Bᵀ + bias,   w stored as bitsandbytes NF4 (double-quantized absmax)
+
+Public API: quantize_nf4 / NF4Weight (the format), QLoRALinear (the layer), the torch.library ops under
+torch.ops.qlora_ext (registered by qlora_ext.ops), and the PEFT-style model helpers (apply, adapters, merge).
+"""
+from . import ops, reference
+from .nf4 import NF4Weight, quantize_nf4
+from .nn import QLoRALinear
+from .ops import has_cuda_kernels
+
+__version__ = "0.1.0"
+
+__all__ = ["NF4Weight", "QLoRALinear", "quantize_nf4", "has_cuda_kernels", "ops", "reference", "__version__"]

@@ -1,0 +1,213 @@
+"""NF4Weight: a frozen [n, k] weight in bitsandbytes' NF4 format (optionally double-quantized), and quantize_nf4.
+
+The tensors are bnb's, byte for byte (format and rounding rules: qlora_ext/reference.py), so a bnb Linear4bit,
+an HF "bnb-4bit" checkpoint and an NF4Weight convert into each other without requantization:
+
+    packed         uint8 ((n*k+1)//2, 1)   bnb's shape; element 2j in the high nibble of byte j
+    absmax         uint8 [nblocks] (double quant) or float32 [nblocks]
+    code           float32 [16]            NF4 codebook (bnb: quant_map)
+    nested_absmax  float32 [ceil(nblocks/256)] or None
+    nested_code    float32 [256] or None   signed dynamic map (bnb: nested_quant_map)
+    offset         float32 0-d or None     mean of the fp32 absmax, subtracted before the nested quantization
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import reference
+
+QUANT_TYPE = "nf4"
+_QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
+
+
+def _op(name: str):
+    """torch.ops.qlora_ext.<name> once qlora_ext.ops has registered it (CUDA kernels), else the reference twin."""
+    namespace = torch.ops.qlora_ext
+    return getattr(namespace, name) if hasattr(namespace, name) else getattr(reference, name)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """bnb's spelling in the serialized quant state: "float16", "bfloat16", "float32"."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(eq=False)
+class NF4Weight:
+    """A frozen NF4 weight of logical shape ``shape`` = (n, k), originally of dtype ``dtype``."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    nested_absmax: Optional[torch.Tensor]
+    nested_code: Optional[torch.Tensor]
+    offset: Optional[torch.Tensor]
+    shape: tuple
+    dtype: torch.dtype
+    blocksize: int
+
+    def __post_init__(self):
+        self.shape = tuple(int(d) for d in self.shape)
+        if len(self.shape) != 2:
+            raise ValueError(f"shape: expected (n, k), got {self.shape}")
+        if self.dtype not in reference.FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected one of {list(reference.FLOAT_DTYPES)}, got {self.dtype}")
+        n, k = self.shape
+        if not isinstance(self.packed, torch.Tensor) or tuple(self.packed.shape) != ((n * k + 1) // 2, 1):
+            got = tuple(self.packed.shape) if isinstance(self.packed, torch.Tensor) else type(self.packed).__name__
+            raise ValueError(f"packed: expected shape {((n * k + 1) // 2, 1)} (bnb's layout), got {got}")
+        reference.check_nf4_storage(*self.op_args(), n, k, self.blocksize, self.packed.device)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def op_args(self):
+        """The six storage tensors in op argument order: (w_nf4 1-D, absmax, code, nested_absmax, nested_code, offset)."""
+        return self.packed.view(-1), self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """[n, k] tensor of ``dtype`` (default: the original weight dtype), bit-exact with bnb's dequantize_4bit."""
+        n, k = self.shape
+        return _op("dequantize_nf4")(*self.op_args(), n, k, self.blocksize, dtype or self.dtype)
+
+    def to(self, device) -> "NF4Weight":
+        """A copy on ``device``; dtypes never change (the codes are bytes, the scales fp32)."""
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return NF4Weight(move(self.packed), move(self.absmax), move(self.code), move(self.nested_absmax),
+                         move(self.nested_code), move(self.offset), self.shape, self.dtype, self.blocksize)
+
+    # ---- bitsandbytes interchange -----------------------------------------------------------------------------
+    def _quant_state_json(self) -> dict:
+        """The non-tensor quant-state items, in the key order bnb's QuantState.as_dict writes them."""
+        items = {
+            "quant_type": QUANT_TYPE,
+            "blocksize": self.blocksize,
+            "dtype": _dtype_name(self.dtype),
+            "shape": list(self.shape),
+        }
+        if self.double_quant:
+            items.update({
+                "nested_blocksize": reference.NESTED_BLOCKSIZE,
+                "nested_dtype": _dtype_name(torch.float32),
+                "nested_offset": self.offset.item(),
+            })
+        return items
+
+    def state_dict(self, prefix: str = "weight") -> dict:
+        """The keys and tensors bnb's Linear4bit.state_dict writes for its weight (HF "bnb-4bit" checkpoints).
+
+        The codebooks are cloned, as bnb does, so that no two entries share storage (safetensors refuses that).
+        """
+        out = {prefix: self.packed, f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": self.code.clone()}
+        if self.double_quant:
+            out[f"{prefix}.nested_absmax"] = self.nested_absmax
+            out[f"{prefix}.nested_quant_map"] = self.nested_code.clone()
+        payload = json.dumps(self._quant_state_json()).encode("utf-8")
+        out[f"{prefix}.{_QUANT_STATE_KEY}"] = torch.tensor(list(payload), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, prefix: str = "weight") -> "NF4Weight":
+        """Inverse of state_dict (also reads bnb Linear4bit / HF bnb-4bit state dicts). No requantization."""
+        key = f"{prefix}.{_QUANT_STATE_KEY}"
+        if key not in sd:
+            raise KeyError(f"{key}: missing; expected a bitsandbytes NF4 state dict (keys under '{prefix}.')")
+        meta = json.loads(bytes(sd[key].cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        if meta.get("quant_type") != QUANT_TYPE:
+            raise ValueError(f"{key}: expected quant_type 'nf4', got {meta.get('quant_type')!r}")
+        nested = "nested_offset" in meta
+        if nested and meta["nested_blocksize"] != reference.NESTED_BLOCKSIZE:
+            raise ValueError(f"{key}: expected nested_blocksize {reference.NESTED_BLOCKSIZE}, "
+                             f"got {meta['nested_blocksize']}")
+        packed = sd[prefix]
+        return cls(
+            packed=_as_bnb_packed(packed, meta["shape"]),
+            absmax=sd[f"{prefix}.absmax"],
+            code=sd[f"{prefix}.quant_map"],
+            nested_absmax=sd[f"{prefix}.nested_absmax"] if nested else None,
+            nested_code=sd[f"{prefix}.nested_quant_map"] if nested else None,
+            offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=packed.device)
+            if nested else None,
+            shape=meta["shape"],
+            dtype=getattr(torch, meta["dtype"]),
+            blocksize=int(meta["blocksize"]),
+        )
+
+    @classmethod
+    def from_bnb(cls, packed: torch.Tensor, quant_state) -> "NF4Weight":
+        """Wrap a bnb NF4 weight (Params4bit.data, its QuantState) as it is: the same tensors, no requantization."""
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise ValueError("quant_state: this Linear4bit repacked its weight for CPU inference (absmax rounded to "
+                             "bfloat16, lossy); take the weight from a freshly loaded or quantized Linear4bit")
+        if quant_state.quant_type != QUANT_TYPE:
+            raise ValueError(f"quant_state.quant_type: expected 'nf4', got {quant_state.quant_type!r}")
+        state2 = quant_state.state2 if quant_state.nested else None
+        if state2 is not None and state2.blocksize != reference.NESTED_BLOCKSIZE:
+            raise ValueError(f"quant_state.state2.blocksize: expected {reference.NESTED_BLOCKSIZE}, "
+                             f"got {state2.blocksize}")
+        return cls(
+            packed=_as_bnb_packed(packed, quant_state.shape),
+            absmax=quant_state.absmax,
+            code=quant_state.code,
+            nested_absmax=None if state2 is None else state2.absmax,
+            nested_code=None if state2 is None else state2.code,
+            offset=None if state2 is None else quant_state.offset.to(torch.float32).reshape(()),
+            shape=tuple(quant_state.shape),
+            dtype=quant_state.dtype,
+            blocksize=quant_state.blocksize,
+        )
+
+    def to_bnb(self):
+        """(packed, bitsandbytes.functional.QuantState) sharing this weight's tensors."""
+        try:
+            from bitsandbytes.functional import QuantState
+        except ImportError as exc:
+            raise ImportError("NF4Weight.to_bnb needs bitsandbytes (pip install bitsandbytes)") from exc
+        state2 = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.nested_absmax, code=self.nested_code,
+                                blocksize=reference.NESTED_BLOCKSIZE, dtype=torch.float32)
+        quant_state = QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=self.code,
+                                 blocksize=self.blocksize, quant_type=QUANT_TYPE, dtype=self.dtype,
+                                 offset=self.offset, state2=state2)
+        return self.packed, quant_state
+
+    def __repr__(self) -> str:
+        n, k = self.shape
+        return (f"NF4Weight(shape=({n}, {k}), dtype={self.dtype}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, device={self.device})")
+
+
+def _as_bnb_packed(packed: torch.Tensor, shape) -> torch.Tensor:
+    """bnb's packed bytes as uint8 ((n*k+1)//2, 1); bnb may store them in another dtype (quant_storage)."""
+    n, k = (int(d) for d in shape)
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed: expected a torch.Tensor, got {type(packed).__name__}")
+    as_bytes = packed.reshape(-1)
+    if as_bytes.dtype != torch.uint8:
+        as_bytes = as_bytes.contiguous().view(torch.uint8)
+    if as_bytes.numel() != (n * k + 1) // 2:
+        raise ValueError(f"packed: expected {(n * k + 1) // 2} bytes for shape ({n}, {k}), got {as_bytes.numel()}")
+    return as_bytes.view(-1, 1)
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize a [n, k] weight to NF4 on its device (bnb's format and rounding, see qlora_ext/reference.py)."""
+    reference.check_quantize_input(w, blocksize)
+    w_nf4, absmax, nested_absmax, offset = _op("quantize_nf4")(w, blocksize, double_quant)
+    nested_code = reference.dynamic_map_signed(w.device) if double_quant else None
+    if not double_quant:  # the op returns empty tensors there (custom ops cannot return None)
+        nested_absmax = offset = None
+    return NF4Weight(w_nf4.view(-1, 1), absmax, reference.nf4_code(w.device), nested_absmax, nested_code, offset,
+                     tuple(w.shape), w.dtype, blocksize)

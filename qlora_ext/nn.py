@@ -1,0 +1,163 @@
+"""QLoRALinear: a frozen NF4 base plus a trainable low-rank adapter, computed by one fused op.
+
+    y = x·wᵀ + s·dropout(x)·lora_Aᵀ·lora_Bᵀ + bias,   s = lora_alpha / r   (rsLoRA: lora_alpha / √r)
+
+The base weight is an NF4Weight (bitsandbytes' format, double quant by default) and never receives a gradient;
+lora_A [r, k] and lora_B [n, r] are the only trainable parameters (lora_B starts at zero, so a fresh layer equals
+its base). state_dict() writes the base under bitsandbytes' keys (`weight`, `weight.absmax`, ...), so a
+checkpoint moves between this layer and bnb's Linear4bit unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import ops  # noqa: F401  (registers torch.ops.qlora_ext.*)
+from .nf4 import NF4Weight, quantize_nf4
+
+__all__ = ["QLoRALinear"]
+
+
+class QLoRALinear(nn.Module):
+    """Linear layer with a frozen NF4 base and a LoRA adapter, forward and backward through fused kernels."""
+
+    def __init__(self, weight_nf4: NF4Weight, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, bias: Optional[Tensor] = None, init: str = "kaiming",
+                 freeze_A: bool = False, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        n, k = weight_nf4.shape
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"QLoRALinear: r must be a positive int, got {r!r}")
+        if r > min(n, k):
+            raise ValueError(f"QLoRALinear: r={r} exceeds min(n, k)={min(n, k)} for a [{n}, {k}] weight")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"QLoRALinear: lora_dropout must be in [0, 1), got {lora_dropout}")
+        self.in_features, self.out_features = k, n
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, float(lora_dropout), use_rslora
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.init = init
+        self.weight_nf4 = weight_nf4
+        dtype = dtype or weight_nf4.dtype
+        device = weight_nf4.packed.device
+        self.lora_A = nn.Parameter(torch.empty(r, k, dtype=dtype, device=device), requires_grad=not freeze_A)
+        self.lora_B = nn.Parameter(torch.zeros(n, r, dtype=dtype, device=device))
+        self._init_adapter(init)
+        if bias is not None:
+            bias = nn.Parameter(bias.detach().to(dtype=dtype, device=device).clone(), requires_grad=False)
+        self.bias = bias
+
+    # ---- construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init: str = "kaiming", freeze_A: bool = False,
+                    blocksize: int = 64, double_quant: bool = True) -> "QLoRALinear":
+        """Quantize `linear.weight` to NF4 (on its device) and attach a fresh adapter."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        weight_nf4 = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(weight_nf4, r, lora_alpha, lora_dropout, use_rslora, linear.bias, init, freeze_A)
+
+    @classmethod
+    def from_bnb(cls, linear4bit: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, init: str = "kaiming", freeze_A: bool = False) -> "QLoRALinear":
+        """Take a bitsandbytes Linear4bit (NF4) as it is: no requantization, same packed bytes."""
+        quant_state = getattr(linear4bit.weight, "quant_state", None)
+        if quant_state is None:
+            raise ValueError("from_bnb: the Linear4bit has no quant_state; move it to its device (which quantizes "
+                             "it) or load a quantized checkpoint first")
+        weight_nf4 = NF4Weight.from_bnb(linear4bit.weight.data, quant_state)
+        return cls(weight_nf4, r, lora_alpha, lora_dropout, use_rslora, linear4bit.bias, init, freeze_A)
+
+    def _init_adapter(self, init: str) -> None:
+        with torch.no_grad():
+            if init == "kaiming":  # PEFT/loralib default: A ~ kaiming_uniform(a=√5), B = 0
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                self.lora_B.zero_()
+                return
+            from .init import init_lora  # data-aware inits (gaussian, pissa, olora) live with the PEFT layer
+            lora_A, lora_B, residual = init_lora(self.weight_nf4.dequantize(torch.float32), self.r, init)
+            self.lora_A.copy_(lora_A)
+            self.lora_B.copy_(lora_B)
+            if residual is not None:  # PiSSA/OLoRA: the base becomes w − s·B·A, requantized
+                self.weight_nf4 = quantize_nf4(residual.to(self.weight_nf4.dtype), self.weight_nf4.blocksize,
+                                               self.weight_nf4.nested_absmax is not None)
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QLoRALinear: input must have last dim k={self.in_features}, got {tuple(x.shape)}")
+        if x.device != self.lora_A.device:
+            raise ValueError(f"QLoRALinear: input is on device {x.device} but the layer is on {self.lora_A.device}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        dtype = x.dtype
+        p = self.lora_dropout if self.training else 0.0
+        # A fresh dropout seed per call; drawn as a tensor so a compiled graph keeps drawing new ones.
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else self._zero_seed()
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        y, _ = torch.ops.qlora_ext.qlora_linear(x2, *self.weight_nf4.op_args(), self.lora_A.to(dtype),
+                                                self.lora_B.to(dtype), bias, self.scaling, p, seed,
+                                                self.weight_nf4.blocksize)
+        return y.reshape(*lead, self.out_features)
+
+    @staticmethod
+    def _zero_seed() -> Tensor:
+        return torch.zeros((), dtype=torch.int64)
+
+    # ---- export ----------------------------------------------------------------------------------------------
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The frozen base w [n, k] (bit-exact bnb dequantization)."""
+        return self.weight_nf4.dequantize(dtype)
+
+    @torch.no_grad()
+    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """A plain nn.Linear holding dequant(w) + s·lora_B·lora_A (summed in fp32, then cast to `dtype`)."""
+        dtype = dtype or self.lora_A.dtype
+        w = self.dequantize(torch.float32) + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype,
+                        device=w.device)
+        out.weight.copy_(w.to(dtype))
+        if self.bias is not None:
+            out.bias.copy_(self.bias.to(dtype))
+        return out
+
+    # ---- module plumbing -------------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        # NF4 constants must keep their dtypes (uint8 codes, fp32 scales): follow device moves only, so that
+        # model.half() or model.to(torch.bfloat16) does not corrupt the base.
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0, device=self.weight_nf4.packed.device)).device
+        if device != self.weight_nf4.packed.device:
+            self.weight_nf4 = self.weight_nf4.to(device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.update(self.weight_nf4.state_dict(prefix=prefix + "weight"))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        base_keys = [key for key in state_dict if key == prefix + "weight" or key.startswith(prefix + "weight.")]
+        if base_keys:
+            loaded = NF4Weight.from_state_dict({key: state_dict[key] for key in base_keys}, prefix=prefix + "weight")
+            if tuple(loaded.shape) != tuple(self.weight_nf4.shape):
+                error_msgs.append(f"{prefix}weight: NF4 shape {tuple(loaded.shape)} does not match "
+                                  f"{tuple(self.weight_nf4.shape)}")
+            else:
+                self.weight_nf4 = loaded.to(self.weight_nf4.packed.device)
+        elif strict:
+            missing_keys.append(prefix + "weight")
+        rest = {key: value for key, value in state_dict.items() if key not in base_keys}
+        # The base keys are consumed above; the parent handles lora_A, lora_B and bias.
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        w = self.weight_nf4
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, lora_dropout={self.lora_dropout}, "
+                f"use_rslora={self.use_rslora}, bias={self.bias is not None}, base=NF4(blocksize={w.blocksize}, "
+                f"double_quant={w.nested_absmax is not None}, dtype={w.dtype}), adapter_dtype={self.lora_A.dtype}")

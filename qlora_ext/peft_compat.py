@@ -1,0 +1,433 @@
+"""Fit qlora_ext into a transformers + PEFT + bitsandbytes workflow.
+
+- apply(model, config): swap the target linear layers of a model for QLoRALinear, in place (the model keeps its
+  class, so Trainer, generate() and checkpointing keep working). `config` is a peft.LoraConfig, a dict with its
+  fields (e.g. a loaded adapter_config.json), or None with the fields as keyword arguments; PEFT's defaults and
+  target matching rules apply.
+- save_adapter / load_adapter: PEFT's on-disk format (adapter_config.json + adapter_model.safetensors with PEFT's
+  key names), so PeftModel.from_pretrained loads our adapters and we load PEFT's.
+- lora_plus_param_groups: LoRA+ optimizer parameter groups (lr of B = ratio × lr of A), grouped as PEFT does.
+- merge_and_unload: fold s·B·A into the base and return plain nn.Linear layers (or NF4 again, with the error
+  that requantization added reported).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .init import method_from_peft
+from .nf4 import NF4Weight, quantize_nf4
+from .nn import QLoRALinear
+
+__all__ = ["LoraSpec", "apply", "save_adapter", "load_adapter", "lora_plus_param_groups", "merge_and_unload"]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# PeftModel wraps the model as base_model (a LoraModel) whose .model is the user's model; PEFT drops the adapter
+# name from keys on disk, so a key is this prefix + our module path + ".lora_A.weight".
+_PEFT_PREFIX = "base_model.model."
+_BIAS_MODES = ("none", "all", "lora_only")
+# LoraConfig features qlora_ext does not implement, with the value that means "off" (PEFT's default). A config
+# that turns one on is refused rather than silently trained as plain LoRA; saved configs spell them out as off.
+_UNSUPPORTED_OFF = {
+    "use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
+    "modules_to_save": None, "layers_to_transform": None, "layer_replication": None, "target_parameters": None,
+    "trainable_token_indices": None,
+}
+# Below this many layers, quantizing is quick enough that a progress bar is noise.
+_PROGRESS_MIN_LAYERS = 32
+
+
+@dataclass
+class LoraSpec:
+    """The LoraConfig fields qlora_ext honours, with PEFT's names and defaults."""
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+
+
+_SPEC_FIELDS = tuple(f.name for f in fields(LoraSpec))
+
+
+def _field(config: Any, name: str, default: Any) -> Any:
+    value = config.get(name, default) if isinstance(config, Mapping) else getattr(config, name, default)
+    return getattr(value, "value", value)  # PEFT's PeftType/TaskType are str enums; keep the plain string
+
+
+def _module_list(value: Any) -> Any:
+    """Module lists sorted (PEFT keeps them as sets, so order carries no meaning); regex strings as they are."""
+    return sorted(value) if isinstance(value, (list, set, tuple)) else value
+
+
+def _resolve_spec(config: Any, options: dict[str, Any]) -> LoraSpec:
+    if config is None:
+        unknown = sorted(set(options) - set(_SPEC_FIELDS))
+        if unknown:
+            raise TypeError(f"unknown LoRA option(s) {unknown}; known: {list(_SPEC_FIELDS)}")
+        spec = LoraSpec(**options)
+    else:
+        if options:
+            raise TypeError(f"pass either a config or LoRA keyword arguments, not both (got {sorted(options)})")
+        peft_type = _field(config, "peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ValueError(f"qlora_ext implements LoRA adapters only, got peft_type={peft_type!r}")
+        enabled = [name for name in _UNSUPPORTED_OFF if _field(config, name, None)]
+        if enabled:
+            raise ValueError(f"LoraConfig options {enabled} are not supported by qlora_ext")
+        spec = LoraSpec(**{f.name: _field(config, f.name, f.default) for f in fields(LoraSpec)})
+    spec = replace(spec, target_modules=_module_list(spec.target_modules),
+                   exclude_modules=_module_list(spec.exclude_modules))
+    if spec.bias not in _BIAS_MODES:
+        raise ValueError(f"bias must be one of {_BIAS_MODES}, got {spec.bias!r}")
+    method_from_peft(spec.init_lora_weights)  # refuses unsupported inits before any layer is touched
+    return spec
+
+
+def _matches(name: str, patterns: Union[list[str], str]) -> bool:
+    """PEFT's rule: a string is a regex matched against the whole module name; a list entry matches the name
+    itself or any name ending in "." + entry."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _is_all_linear(target_modules: Any) -> bool:
+    return isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+
+
+def _default_targets(model: nn.Module) -> list[str]:
+    """PEFT's per-architecture default when a config names no target_modules (e.g. q_proj, v_proj for Llama)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+    except ImportError:
+        defaults = {}
+    if model_type not in defaults:
+        raise ValueError(f"target_modules is required (no PEFT default for model_type={model_type!r}); "
+                         f"pass e.g. target_modules='all-linear' or ['q_proj', 'v_proj']")
+    return list(defaults[model_type])
+
+
+def _find_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
+    if _is_all_linear(spec.target_modules):
+        # Like PEFT: every linear layer except the output head (adapting the vocabulary projection is costly
+        # and rarely wanted).
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        targets = [name for name, module in model.named_modules()
+                   if name and isinstance(module, nn.Linear) and module is not head]
+    else:
+        targets = [name for name, _ in model.named_modules() if name and _matches(name, spec.target_modules)]
+    if spec.exclude_modules:
+        targets = [name for name in targets if not _matches(name, spec.exclude_modules)]
+    if not targets:
+        raise ValueError(f"target_modules={spec.target_modules!r} (exclude_modules={spec.exclude_modules!r}) "
+                         f"matched no module of {type(model).__name__}")
+    return targets
+
+
+def _bnb_linear4bit_class() -> Optional[type]:
+    # A model holding bnb layers has imported bitsandbytes already; looking it up instead of importing keeps
+    # apply() free of bnb's import cost and messages for users who do not have it.
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb.nn.Linear4bit if bnb is not None else None
+
+
+def _quantize_device(linear: nn.Linear, device: Optional[Union[str, torch.device]]) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if linear.weight.device.type == "cpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return linear.weight.device
+
+
+def _to_qlora(name: str, module: nn.Module, spec: LoraSpec, freeze_A: bool,
+              device: Optional[Union[str, torch.device]]) -> QLoRALinear:
+    options = dict(r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                   use_rslora=spec.use_rslora, init=method_from_peft(spec.init_lora_weights), freeze_A=freeze_A)
+    if isinstance(module, QLoRALinear):
+        raise ValueError(f"{name} is already a QLoRALinear; apply() runs once per model (use load_adapter to "
+                         f"load other adapter weights)")
+    linear4bit = _bnb_linear4bit_class()
+    if linear4bit is not None and isinstance(module, linear4bit):
+        quant_type = getattr(module.weight, "quant_type", None)
+        if quant_type != "nf4":
+            raise ValueError(f"{name}: bitsandbytes Linear4bit with quant_type={quant_type!r}; qlora_ext runs NF4 "
+                             f"only (BitsAndBytesConfig(bnb_4bit_quant_type='nf4'))")
+        return QLoRALinear.from_bnb(module, **options)  # the checkpoint's bytes as they are, no requantization
+    if type(module) is nn.Linear:
+        # One layer at a time on the GPU: the full-precision model never has to fit there, only its NF4 form.
+        return QLoRALinear.from_linear(module.to(_quantize_device(module, device)), **options)
+    raise TypeError(f"{name} is a {type(module).__name__}; qlora_ext replaces nn.Linear and bitsandbytes NF4 "
+                    f"Linear4bit layers only")
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _mark_trainable(model: nn.Module, bias: str, freeze_A: bool) -> None:
+    """PEFT's mark_only_lora_as_trainable: everything frozen but the adapters and, per bias mode, biases."""
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, QLoRALinear):
+            module.lora_A.requires_grad_(not freeze_A)
+            module.lora_B.requires_grad_(True)
+            if bias == "lora_only" and module.bias is not None:
+                module.bias.requires_grad_(True)
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if "bias" in name:  # PEFT selects by name, so this matches exactly the biases PEFT would train
+                param.requires_grad_(True)
+
+
+def apply(model: nn.Module, config: Any = None, *, freeze_A: bool = False,
+          device: Optional[Union[str, torch.device]] = None, progress: Optional[bool] = None,
+          **lora_options: Any) -> nn.Module:
+    """Replace the target linear layers of `model` by QLoRALinear, in place, and return `model`.
+
+    config: a peft.LoraConfig or a mapping of its fields; or None, with those fields as keyword arguments
+        (r, lora_alpha, target_modules, exclude_modules, lora_dropout, bias, use_rslora, init_lora_weights,
+        task_type, base_model_name_or_path; PEFT's defaults: r=8, lora_alpha=8). target_modules: a list
+        (entries match a module name or its dotted suffix), a regex (matched against the whole name), or
+        "all-linear" (every linear layer except the output head); None uses PEFT's default for the model type.
+    freeze_A: LoRA-FA, lora_A stays at its initialization and only lora_B trains.
+    device: where nn.Linear layers are quantized and their QLoRALinear lives. Default: the current CUDA device
+        when one is available and the layer is on the CPU (layer by layer, so the full-precision model never has
+        to fit on the GPU; move the rest with model.to() afterwards), else the layer's own device.
+        bitsandbytes Linear4bit layers are taken as they are (same bytes, same device).
+    progress: show a tqdm bar; default: when more than a few dozen layers are converted.
+
+    Afterwards only lora_A/lora_B (lora_B only with freeze_A) and, per `bias` ("none" | "all" | "lora_only",
+    as in PEFT), biases require grad. The resolved config travels with the model for save_adapter().
+    """
+    spec = _resolve_spec(config, lora_options)
+    if spec.target_modules is None:
+        spec = replace(spec, target_modules=_default_targets(model))
+    targets = _find_targets(model, spec)
+    show = progress if progress is not None else len(targets) >= _PROGRESS_MIN_LAYERS
+    for name in tqdm(targets, desc="qlora_ext: quantizing", unit="layer", disable=not show):
+        _set_submodule(model, name, _to_qlora(name, model.get_submodule(name), spec, freeze_A, device))
+    _mark_trainable(model, spec.bias, freeze_A)
+    if _is_all_linear(spec.target_modules):
+        # Like PEFT, record the layers "all-linear" resolved to, so a loader rebuilds exactly these.
+        spec = replace(spec, target_modules=sorted(targets))
+    model.qlora_ext_config = spec
+    return model
+
+
+def _qlora_modules(model: nn.Module) -> dict[str, QLoRALinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, QLoRALinear)}
+
+
+def _adapter_params(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
+    """PEFT's on-disk key → our parameter, for every tensor an adapter file holds under this bias mode
+    (PEFT saves lora_A/lora_B, plus the adapted layers' biases for "lora_only" or every bias for "all")."""
+    layers = _qlora_modules(model)
+    params = {}
+    for name, layer in layers.items():
+        params[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A
+        params[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+    if bias == "none":
+        return params
+    for name, param in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if owner in layers and leaf == "bias":
+            params[f"{_PEFT_PREFIX}{owner}.base_layer.bias"] = param  # PEFT's LoRA layer wraps the base layer
+        elif bias == "all" and "bias" in name:
+            params[f"{_PEFT_PREFIX}{name}"] = param
+    return params
+
+
+def _peft_config_dict(spec: LoraSpec, model: nn.Module) -> dict[str, Any]:
+    return {
+        "peft_type": "LORA",
+        "task_type": spec.task_type,
+        "base_model_name_or_path": spec.base_model_name_or_path or getattr(model, "name_or_path", None) or None,
+        "r": spec.r,
+        "lora_alpha": spec.lora_alpha,
+        "lora_dropout": spec.lora_dropout,
+        "target_modules": spec.target_modules,
+        "exclude_modules": spec.exclude_modules,
+        "bias": spec.bias,
+        "use_rslora": spec.use_rslora,
+        "init_lora_weights": spec.init_lora_weights,
+        "inference_mode": True,  # PEFT's save_pretrained writes True as well
+        **_UNSUPPORTED_OFF,
+    }
+
+
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike], config: Any = None) -> None:
+    """Write the adapter of `model` to the directory `path` in PEFT's format.
+
+    config: as for apply(); default: the config apply()/load_adapter() recorded on the model.
+    After PiSSA/OLoRA init our base is the residual w − s·B₀·A₀. The file keeps init_lora_weights="pissa"/"olora",
+    and PEFT's from_pretrained then recomputes that residual from the base it is given before loading A and B:
+    give it the original full-precision base (PEFT refuses PiSSA on a 4-bit base; OLoRA it redoes on the
+    dequantized 4-bit base, as our from_bnb does).
+    """
+    spec = _resolve_spec(config, {}) if config is not None else getattr(model, "qlora_ext_config", None)
+    if spec is None:
+        raise ValueError("save_adapter: the model carries no adapter config (it was not made by qlora_ext.apply "
+                         "or load_adapter); pass config=")
+    params = _adapter_params(model, spec.bias)
+    if not params:
+        raise ValueError("save_adapter: the model has no QLoRALinear layer")
+    os.makedirs(path, exist_ok=True)
+    save_file({key: param.detach().contiguous().cpu() for key, param in params.items()},
+              os.path.join(path, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(_peft_config_dict(spec, model), f, indent=2, sort_keys=True)
+
+
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
+                 device: Optional[Union[str, torch.device]] = None) -> nn.Module:
+    """Load a PEFT LoRA adapter directory (ours or PEFT's) into `model` and return `model`.
+
+    A model without QLoRALinear layers is first converted with apply(model, <the file's config>, device=device);
+    a converted one must match the file's r, lora_alpha and use_rslora. Every adapter tensor must find its
+    parameter and vice versa: a partial load raises instead of training a half-initialized adapter.
+    """
+    with open(os.path.join(path, ADAPTER_CONFIG_NAME), encoding="utf-8") as f:
+        file_config = json.load(f)
+    if file_config.get("init_lora_weights") is False:
+        # PEFT's "leave the weights uninitialized" (common in its tests); the file supplies them anyway.
+        file_config["init_lora_weights"] = True
+    spec = _resolve_spec(file_config, {})
+    layers = _qlora_modules(model)
+    if not layers:
+        apply(model, file_config, device=device)
+    for name, layer in layers.items():
+        if (layer.r, layer.lora_alpha, layer.use_rslora) != (spec.r, spec.lora_alpha, spec.use_rslora):
+            raise ValueError(f"load_adapter: {name} has r={layer.r}, lora_alpha={layer.lora_alpha}, "
+                             f"use_rslora={layer.use_rslora}; the adapter has r={spec.r}, "
+                             f"lora_alpha={spec.lora_alpha}, use_rslora={spec.use_rslora}")
+    tensors = load_file(os.path.join(path, ADAPTER_WEIGHTS_NAME))
+    params = _adapter_params(model, spec.bias)
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"load_adapter: {path} does not fit this model: missing {missing[:4]} "
+                         f"({len(missing)} in all), unexpected {unexpected[:4]} ({len(unexpected)} in all)")
+    with torch.no_grad():
+        for key, param in params.items():
+            if tensors[key].shape != param.shape:
+                raise ValueError(f"load_adapter: {key} has shape {tuple(tensors[key].shape)}, the model expects "
+                                 f"{tuple(param.shape)}")
+            param.copy_(tensors[key])
+    model.qlora_ext_config = spec
+    return model
+
+
+def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0,
+                           weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """LoRA+ (Hayou et al. 2024) optimizer parameter groups: lora_B learns `ratio` times faster than lora_A.
+
+    Grouped as PEFT's create_loraplus_optimizer does: lora_A (and any other trainable matrix) at `lr`; lora_B at
+    lr·ratio; trainable 1-D parameters (biases) at lr·ratio without weight decay. Empty groups are left out.
+    Use as torch.optim.AdamW(lora_plus_param_groups(model, lr=2e-4)).
+    """
+    if not ratio > 0:
+        raise ValueError(f"lora_plus_param_groups: ratio must be > 0, got {ratio!r}")
+    group_a, group_b, group_b_no_decay = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim == 1:
+            group_b_no_decay.append(param)
+        elif name.rpartition(".")[2] == "lora_B":
+            group_b.append(param)
+        else:
+            group_a.append(param)
+    groups = [
+        {"params": group_a, "lr": lr, "weight_decay": weight_decay},
+        {"params": group_b, "lr": lr * ratio, "weight_decay": weight_decay},
+        {"params": group_b_no_decay, "lr": lr * ratio, "weight_decay": 0.0},
+    ]
+    groups = [group for group in groups if group["params"]]
+    if not groups:
+        raise ValueError("lora_plus_param_groups: the model has no trainable parameter")
+    return groups
+
+
+def _bnb_linear4bit(weight_nf4: NF4Weight, bias: Optional[torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ImportError("merge_and_unload(requantize=True) returns bitsandbytes Linear4bit layers; "
+                          "install bitsandbytes or merge with requantize=False") from e
+    packed, quant_state = weight_nf4.to_bnb()
+    double_quant = weight_nf4.double_quant
+    n, k = weight_nf4.shape
+    # meta: the placeholder full-precision weight nn.Linear would allocate is replaced right away.
+    layer = bnb.nn.Linear4bit(k, n, bias=bias is not None, compute_dtype=dtype, compress_statistics=double_quant,
+                              quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=quant_state,
+                                     blocksize=weight_nf4.blocksize, compress_statistics=double_quant,
+                                     quant_type="nf4", module=layer, bnb_quantized=True)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return layer
+
+
+def _merge_layer(layer: QLoRALinear, dtype: torch.dtype, requantize: bool) -> tuple[nn.Module, Optional[float]]:
+    if not requantize:
+        return layer.merge(dtype).requires_grad_(False), None
+    merged = layer.merge(torch.float32)
+    w = merged.weight.detach()
+    weight_nf4 = quantize_nf4(w.to(dtype), blocksize=layer.weight_nf4.blocksize,
+                              double_quant=layer.weight_nf4.double_quant)
+    error = (weight_nf4.dequantize(torch.float32).double() - w.double()).norm() / w.double().norm()
+    return _bnb_linear4bit(weight_nf4, merged.bias, dtype), error.item()
+
+
+def merge_and_unload(model: nn.Module, dtype: torch.dtype = torch.bfloat16, requantize: bool = False,
+                     progress: Optional[bool] = None) -> nn.Module:
+    """Fold every adapter into its base and return the model with plain layers (in place where possible).
+
+    requantize=False: each QLoRALinear becomes an nn.Linear holding dequant(w) + s·lora_B·lora_A (summed in
+    fp32, stored in `dtype`); no precision is lost beyond the cast, so this is the export to use.
+    requantize=True: the merged weight is quantized to NF4 again (same blocksize and double quant) and held by a
+    bitsandbytes Linear4bit. That adds rounding error: ‖dequant(nf4(w')) − w'‖/‖w'‖ of each layer is reported in
+    a warning and kept in `model.qlora_ext_requantize_error` ({layer name: relative error}).
+    The merged weights are frozen, like the rest of the model after apply().
+    """
+    names = list(_qlora_modules(model))
+    show = progress if progress is not None else len(names) >= _PROGRESS_MIN_LAYERS
+    errors = {}
+    for name in tqdm(names, desc="qlora_ext: merging", unit="layer", disable=not show):
+        merged, error = _merge_layer(model.get_submodule(name), dtype, requantize)
+        if name:
+            _set_submodule(model, name, merged)
+        else:  # the model is a single QLoRALinear
+            model = merged
+        if error is not None:
+            errors[name] = error
+    if hasattr(model, "qlora_ext_config"):
+        del model.qlora_ext_config  # no adapter left to save
+    if requantize and errors:
+        worst = max(errors, key=errors.get)
+        warnings.warn(f"merge_and_unload: requantizing {len(errors)} merged layers to NF4 added a relative weight "
+                      f"error of {sum(errors.values()) / len(errors):.3%} on average and {errors[worst]:.3%} at "
+                      f"most ({worst or 'the model'}); merge with requantize=False for a lossless {dtype} export",
+                      stacklevel=2)
+        model.qlora_ext_requantize_error = errors
+    return model
