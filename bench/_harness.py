@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import gc
 import json
 import os
 import re
@@ -183,6 +184,9 @@ class BenchSession:
             row.update(status="unavailable", reason=avail["reason"])
             return self._keep(row)
         ws = self.ws
+        self._e2e_model = None
+        if ws.shape_id is not None and ws.shape_id != case.shape.id:
+            self.checkpoint()  # a shape is done: keep what we have in case the run is killed later
         ws.enter(case.shape)
         prep = None
         try:
@@ -237,7 +241,9 @@ class BenchSession:
         outputs must exist, y must be [m, n], everything finite."""
         import torch
 
-        names = ["y", "dx", "grad 1", "grad 2", "grad 3"] if case.mode == "fwd+bwd" else ["y", "u"]
+        names = ["y", "dx", "grad of trainable 1", "grad of trainable 2", "grad of trainable 3"]
+        if case.mode == "fwd":
+            names = ["y", "u"]
         if not outs or outs[0] is None or tuple(outs[0].shape) != (case.m, case.shape.n):
             got = None if not outs or outs[0] is None else tuple(outs[0].shape)
             raise RuntimeError(f"sanity: y has shape {got}, expected {(case.m, case.shape.n)}")
@@ -284,6 +290,8 @@ class BenchSession:
         try:
             if self._e2e_model is None or self._e2e_model[0] != impl:
                 self._e2e_model = None
+                gc.collect()  # PEFT models hold reference cycles: free the previous model before building
+                torch.cuda.empty_cache()
                 torch.cuda.synchronize()
                 before = torch.cuda.memory_allocated()
                 with warnings.catch_warnings(record=True) as caught:
@@ -322,12 +330,28 @@ class BenchSession:
 
     def _keep_e2e(self, row: dict) -> dict:
         self.e2e_rows.append(row)
+        self.checkpoint()
         return row
+
+    def checkpoint(self) -> None:
+        """Write the JSON so far (marked incomplete): a run killed by a time limit still leaves its figures."""
+        try:
+            doc = self.document(complete=False)
+            path = self.output_paths(doc)["json"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(doc, indent=1, default=str))
+            tmp.replace(path)
+        except Exception as e:  # a checkpoint is a convenience; the final write reports its own errors
+            warnings.warn(f"bench checkpoint not written: {_impls._err(e)}")
 
     def release(self) -> None:
         self._e2e_model = None
-        if self.ws is not None:
-            self.ws.release()
+        if self.ws is not None and not self.broken:
+            try:
+                self.ws.release()
+            except Exception as e:  # freeing must never turn into a test error
+                warnings.warn(f"bench: releasing GPU memory failed: {_impls._err(e)}")
 
     # ---- output ----
     def document(self, complete: bool) -> dict:

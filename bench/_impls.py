@@ -413,8 +413,8 @@ def build_bf16_peft(ws: Workspace, case: _sweep.Case) -> Prepared:
 
 
 _TORCHAO_NF4_MODULES = (
-    "torchao.dtypes.nf4tensor",  # torchao <= 0.15
-    "torchao.quantization.quantize_.workflows.nf4.nf4_tensor",  # torchao 0.16+ (0.18 on the anchors' machine)
+    "torchao.dtypes.nf4tensor",  # older torchao
+    "torchao.quantization.quantize_.workflows.nf4.nf4_tensor",  # where 0.18 (the anchors' version) keeps it
 )
 
 

@@ -98,7 +98,7 @@ def _event_once(fn: Callable[[], object]) -> float:
     return start.elapsed_time(end)
 
 
-def _event_bench(fn, warmup_ms: float, rep_ms: float, grad_to_none: Sequence) -> list[float]:
+def _event_bench(fn, warmup_ms: float, rep_ms: float, grad_to_none: Sequence, min_samples: int = 1) -> list[float]:
     """do_bench's protocol without triton: estimate, warm up, then flush + event-bracketed calls."""
     import torch
 
@@ -115,7 +115,7 @@ def _event_bench(fn, warmup_ms: float, rep_ms: float, grad_to_none: Sequence) ->
     est = max(start.elapsed_time(end) / 5, 1e-3)
     for _ in range(max(1, int(warmup_ms / est))):
         fn()
-    n_rep = max(1, int(rep_ms / est))
+    n_rep = max(min_samples, int(rep_ms / est))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     for i in range(n_rep):
@@ -146,13 +146,19 @@ def time_cuda(
     grads = list(grad_to_none)
     do_bench = _triton_do_bench()
     if do_bench is not None:
-        try:
-            samples = do_bench(fn, warmup=warmup_ms, rep=rep, grad_to_none=grads or None, return_mode="all")
-        except (AssertionError, TypeError):  # a triton without return_mode="all"
-            samples = None
+        samples = None
+        for _ in range(2):  # a second try with a longer span if the flush was slower than guessed
+            try:
+                samples = do_bench(fn, warmup=warmup_ms, rep=rep, grad_to_none=grads or None, return_mode="all")
+            except (AssertionError, TypeError):  # a triton without return_mode="all": our own loop below
+                samples = None
+                break
+            if len(samples) >= min_samples:
+                break
+            rep *= 1.3 * min_samples / max(len(samples), 1)
         if samples:
             return Timing([float(s) for s in samples], "triton.testing.do_bench")
-    return Timing(_event_bench(fn, warmup_ms, rep, grads), "cuda-events")
+    return Timing(_event_bench(fn, warmup_ms, rep, grads, min_samples), "cuda-events")
 
 
 def peak_extra_mib(fn: Callable[[], object], grad_to_none: Sequence = ()) -> float:

@@ -234,6 +234,7 @@ def pytest_sessionfinish(session, exitstatus):
     st.written = st.session.write(complete=complete)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables: the compact table and the paths end the output
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     st = getattr(config, "_qlora_bench", None)
     if st is None or not st.session.started:

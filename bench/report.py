@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -273,9 +274,16 @@ def anchor_comparison(doc, anchors) -> tuple[list[dict], list[dict]]:
             )
     layer_out = [r for r in layer_out if r["ms"] is not None]
     e2e_out = []
+    what = anchors.get("meta", {}).get("e2e", {}).get("what", "")
+    want = {}
+    for key, pat in (("layers", r"(\d+) decoder layers"), ("vocab", r"vocab (\d+)"), ("seq", r"seq (\d+)")):
+        mt = re.search(pat, what)
+        if mt:
+            want[key] = int(mt.group(1))
     for a in anchors["e2e"]:
         impl = _ANCHOR_E2E.get(a.get("kind"))
-        mine = [r for r in doc.get("e2e", []) if r["impl"] == impl and r["batch"] == a["batch"] and _ok_e2e(r)]
+        mine = [r for r in doc.get("e2e", []) if r["impl"] == impl and r["batch"] == a["batch"] and _ok_e2e(r)
+                and all(r.get(k) == v for k, v in want.items())]  # the same model only (not --bench-quick's)
         if impl and mine:
             r = mine[0]
             e2e_out.append(
@@ -385,9 +393,21 @@ def render_markdown(doc, json_path=None, png_path=None, md_path=None, anchors_di
                  "dominates, they are expected to be faster than this harness's PEFT rows.")
         L.append("")
         if lay:
+            def rank(r):  # the comparison issue 4 asks for first: the PEFT paths users take
+                src = r["source"]
+                return 0 if "(PEFT)" in src else 1 if r["impl"] == "torchao" else 2 if r["impl"] == "cublas" else 3
+
+            for label, sel in (("PEFT rows (bnb+PEFT, bf16+PEFT)", lambda r: rank(r) == 0),
+                               ("cuBLAS floor rows", lambda r: rank(r) == 2)):
+                ratios = sorted(r["ms"] / r["anchor_ms"] for r in lay if sel(r))
+                if ratios:
+                    within = sum(abs(x - 1) <= 0.10 for x in ratios)
+                    L.append(f"- {label}: ratio {ratios[0]:.2f}–{ratios[-1]:.2f}, median {ratios[len(ratios) // 2]:.2f}; "
+                             f"{within} of {len(ratios)} within ±10%.")
+            L.append("")
             L.append("| implementation | layer | m | mode | this run ms | anchor ms | ratio | peak MiB (run / anchor) | anchor source |")
             L.append("|---|---|---|---|---|---|---|---|---|")
-            for r in sorted(lay, key=lambda r: (r["source"], r["shape"], r["impl"], r["m"], r["mode"])):
+            for r in sorted(lay, key=lambda r: (rank(r), r["impl"], r["shape"], r["m"], r["mode"])):
                 pk = "" if r["peak"] is None or r["anchor_peak"] is None else f"{r['peak']:.1f} / {r['anchor_peak']:.1f}"
                 L.append(f"| {_sweep.IMPL_LABELS[r['impl']]} | {r['shape']} | {r['m']} | {r['mode']} | {_fmt_ms(r['ms'])} | "
                          f"{_fmt_ms(r['anchor_ms'])} | {r['ms'] / r['anchor_ms']:.2f} | {pk} | {r['source']} |")
@@ -542,25 +562,36 @@ def write_plot(doc, png_path) -> str | None:
     nrow = (len(shapes) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
     colors = {"cublas": "black", "reference": "tab:gray", "bnb_peft": "tab:red", "bf16_peft": "tab:blue", "torchao": "tab:green", "ours": "tab:purple"}
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    lines = _sweep.BASELINES + ("cublas",) if have_ours else ("ours",) + _sweep.BASELINES
+    used = set()
     for ax, (k, n) in zip(axes.flat, shapes):
         here = [r for r in rows if (r["k"], r["n"]) == (k, n)]
         rp = (TARGET_R, TARGET_P) if any((r["r"], r["dropout"]) == (TARGET_R, TARGET_P) for r in here) else (here[0]["r"], here[0]["dropout"])
         here = [r for r in here if (r["r"], r["dropout"]) == rp]
         by = _by_key(here)
-        lines = _sweep.BASELINES + ("cublas",) if have_ours else ("ours",) + _sweep.BASELINES
+        ms_all = sorted({r["m"] for r in here})
         for impl in lines:
             for mode, style in (("fwd+bwd", "-"), ("fwd", "--")):
                 xs, ys = [], []
-                for m in sorted({r["m"] for r in here if r["mode"] == mode}):
+                for m in ms_all:
                     cell = by.get((k, n, rp[0], rp[1], m, mode), {})
                     a, ref = cell.get(impl), cell.get("ours" if have_ours else "cublas")
                     if _ok(a) and _ok(ref):
                         xs.append(m)
                         ys.append(a["ms"] / ref["ms"] if have_ours else ref["ms"] / a["ms"])
                 if xs:
-                    ax.plot(xs, ys, style, marker="o", ms=3, color=colors[impl], label=f"{_sweep.IMPL_LABELS[impl]} {mode}")
+                    ax.plot(xs, ys, style, marker="o", ms=3, color=colors[impl])
+                    used.add(impl)
         ax.axhline(1.0, color="k", lw=0.6)
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(ms_all))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(v)}"))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_title(f"{k}→{n} (r={rp[0]}, p={_sweep.fmt_p(rp[1])})", fontsize=9)
         ax.set_xlabel("m (tokens)", fontsize=8)
         ax.set_ylabel("baseline ms ÷ qlora_ext ms" if have_ours else "cuBLAS ms ÷ impl ms", fontsize=8)
@@ -568,16 +599,16 @@ def write_plot(doc, png_path) -> str | None:
         ax.grid(alpha=0.3, which="both")
     for ax in list(axes.flat)[len(shapes):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
-    fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=min(6, len(uniq)), fontsize=7, frameon=False)
+    handles = [Line2D([], [], color=colors[i], marker="o", ms=3, label=_sweep.IMPL_LABELS[i]) for i in lines if i in used]
+    handles += [Line2D([], [], color="k", ls="-", label="fwd+bwd"), Line2D([], [], color="k", ls="--", label="fwd")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     gpu = doc.get("gpu", {}).get("name", "")
     fig.suptitle(
-        (f"qlora_ext speedup vs m — {gpu}, {doc.get('date', '')} (solid fwd+bwd, dashed fwd; >1 = qlora_ext faster)"
+        (f"qlora_ext speedup vs m — {gpu}, {doc.get('date', '')} (> 1: qlora_ext faster; cuBLAS line: distance to the floor)"
          if have_ours else f"fraction of the cuBLAS floor vs m — {gpu}, {doc.get('date', '')} (no qlora_ext numbers in this run)"),
         fontsize=10,
     )
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * ((len(uniq) - 1) // 6), 1, 0.95))
+    fig.tight_layout(rect=(0, 0.06 / nrow, 1, 0.95))
     Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
@@ -624,6 +655,15 @@ def terminal_table(layer_rows, e2e_rows) -> list[str]:
 # Floors for bench/NOTES.md
 
 
+def _g(v: float) -> str:
+    """3 significant digits, no exponent: 0.0336, 4.29, 481, 1,924."""
+    if v >= 1000:
+        return f"{v:,.0f}"
+    if v >= 100:
+        return f"{v:.0f}"
+    return f"{v:.3g}"
+
+
 def floors_markdown(shapes=_sweep.SHAPES, ms=_sweep.M_ALL, r: int = 16) -> str:
     F, B = _sweep.H200_BF16_FLOPS, _sweep.H200_COPY_BYTES_PER_S
     L = [f"Ceilings: {F / 1e12:.0f} TFLOP/s bf16 dense, {B / 1e12:.2f} TB/s (measured H200 figures). r = {r}, bf16 "
@@ -645,9 +685,9 @@ def floors_markdown(shapes=_sweep.SHAPES, ms=_sweep.M_ALL, r: int = 16) -> str:
                 rf = _sweep.roofline_ms(s.k, s.n, m, r, mode, F, B)
                 bound = "/".join(sorted(set(rf["bound"].values())))
                 L.append(
-                    f"| {s.k}→{s.n} | {m} | {mode} | {fl['frozen'] / 1e9:.3g} | {fl['lora'] / 1e9:.3g} | {by['total'] / 1e6:.4g} | "
-                    f"{rf['compute_ms'] * 1e3:.4g} | {rf['memory_ms'] * 1e3:.4g} | {rf['ms'] * 1e3:.4g} ({bound}) | "
-                    f"{_sweep.gemm_floor_ms(s.k, s.n, m, mode, F, B) * 1e3:.4g} |"
+                    f"| {s.k}→{s.n} | {m} | {mode} | {_g(fl['frozen'] / 1e9)} | {_g(fl['lora'] / 1e9)} | {_g(by['total'] / 1e6)} | "
+                    f"{_g(rf['compute_ms'] * 1e3)} | {_g(rf['memory_ms'] * 1e3)} | {_g(rf['ms'] * 1e3)} ({bound}) | "
+                    f"{_g(_sweep.gemm_floor_ms(s.k, s.n, m, mode, F, B) * 1e3)} |"
                 )
     return "\n".join(L) + "\n"
 

@@ -47,10 +47,11 @@ constexpr int kMaxSplits = 64;
 constexpr int kOutPad = 8;      // epilogue tile pitch kBJ + 8 halfs: fragment stores hit 32 distinct banks
 
 // Per-rank configuration. Each warp owns 32 j x kRW ranks of the tile: kRW = kR up to 64 (64 fp32 accumulators
-// per thread), but kR = 128 splits r over 2 warp rows (256 threads) — one warp holding 128 x 32 accumulators
-// spilled (255 registers) and capped occupancy. Shared-memory reads per Big byte stay ~5-8x the HBM bytes
-// (ldmatrix of S by every j-warp + Big by every r-warp + the cp.async writes), under the ~7.8x budget of
-// 128 B/clk smem vs 16 B/clk/SM of HBM.
+// per thread), but kR = 128 splits r over 2 warp rows (256 threads): one warp holding 128 x 32 accumulators
+// needed 255 registers and spilled in the main loop. Shared-memory traffic per Big byte (S ldmatrix'd by each
+// of the 4 j-warps, Big by each r-warp, plus the cp.async writes) is ~2.6x (kR 16), ~4.5x (kR 64) and ~8x
+// (kR 128) against a budget of ~7.8x (128 B/clk of smem vs 16 B/clk/SM of HBM at 4.27 TB/s): r <= 64 is
+// HBM-bound; r > 64 sits at the smem limit (expect it a little above the floor).
 template <int kR>
 struct Cfg {
   static constexpr int kWarpsC = kR == 128 ? 2 : 1;
@@ -119,9 +120,11 @@ __device__ __forceinline__ void load_tile(uint8_t* smem, const T* __restrict__ s
       const bool ok = row_ok && j < ncols;
       cp_async_16(base + swz<kCPR>(row, ch), ok ? src + i * ld + j : src, ok);
     } else {
-      alignas(16) T v[8];
+      // Raw 16-bit copies (no half/bf16 conversions needed; bits 0 = +0.0 in both formats).
+      const uint16_t* src16 = reinterpret_cast<const uint16_t*>(src);
+      alignas(16) uint16_t v[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] = (row_ok && j + e < ncols) ? src[i * ld + j + e] : T(0.0f);
+      for (int e = 0; e < 8; ++e) v[e] = (row_ok && j + e < ncols) ? src16[i * ld + j + e] : uint16_t(0);
       *reinterpret_cast<uint4*>(smem + swz<kCPR>(row, ch)) = *reinterpret_cast<const uint4*>(v);
     }
   }

@@ -45,9 +45,10 @@ struct QloraBwdDxParams {
   bool dy_async;           // n % 8 == 0 and dy 16-byte aligned: dy rows can be cp.async'd
   bool lora_B_async;       // r % 8 == 0 and lora_B 16-byte aligned
   int stages;              // cp.async ring depth (2..4), chosen by the launcher
+  int wdec_buffers;        // decoded-W buffers: 2 (decode overlaps the MMAs) or 1 (small-smem fallback)
 };
 
-// Shared-memory layout, bytes. [code table][decoded W x2][ring: stages x (dy | lora_B rows | packed W)].
+// Shared-memory layout, bytes. [code table][decoded W x wdec_buffers][ring: stages x (dy | lora_B | packed W)].
 // The epilogue reuses everything after the code table for g [128][kRPad] and lora_A [kRPad][128].
 template <int kRPad>
 struct DxSmem {
@@ -59,9 +60,7 @@ struct DxSmem {
   static constexpr int kStageBytes = kDyBytes + kBBytes + kPackedStageBytes;
   static constexpr int kWdecBytes = kTileK * kWStride * 2;
   static constexpr int kCodeBytes = 128;
-  static constexpr int kFixedBytes = kCodeBytes + 2 * kWdecBytes;
   static constexpr int kEpilogueBytes = kCodeBytes + kBlockM * kRStride * 2 + kRPad * kWStride * 2;
-  static int bytes(int stages) { return std::max(kFixedBytes + stages * kStageBytes, kEpilogueBytes); }
 };
 
 template <typename T,   // __nv_bfloat16 or __half: dy, lora_A, lora_B, dx, g
@@ -70,8 +69,8 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_bwd_dx_kernel(const __grid_
   using L = DxSmem<kRPad>;
   extern __shared__ __align__(128) uint8_t smem[];
   float* code_s = reinterpret_cast<float*>(smem);
-  uint16_t* wdec = reinterpret_cast<uint16_t*>(smem + L::kCodeBytes);  // [2][kTileK][kWStride]
-  uint8_t* ring = smem + L::kFixedBytes;
+  uint16_t* wdec = reinterpret_cast<uint16_t*>(smem + L::kCodeBytes);  // [wdec_buffers][kTileK][kWStride]
+  uint8_t* ring = smem + L::kCodeBytes + p.wdec_buffers * L::kWdecBytes;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
@@ -79,11 +78,12 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_bwd_dx_kernel(const __grid_
   const int64_t k0 = int64_t(blockIdx.x) * kBlockN;  // first dx column of this CTA
   const int num_n_tiles = static_cast<int>((p.n + kTileK - 1) / kTileK);
   const int stages = p.stages;
+  const bool double_wdec = p.wdec_buffers == 2;
 
   auto dy_tile = [&](int s) { return reinterpret_cast<uint16_t*>(ring + s * L::kStageBytes); };
   auto b_tile = [&](int s) { return reinterpret_cast<uint16_t*>(ring + s * L::kStageBytes + L::kDyBytes); };
   auto packed = [&](int s) { return ring + s * L::kStageBytes + L::kDyBytes + L::kBBytes; };
-  auto wdec_buf = [&](int b) { return wdec + b * (kTileK * L::kWStride); };
+  auto wdec_buf = [&](int kt) { return wdec + (double_wdec ? kt & 1 : 0) * (kTileK * L::kWStride); };
 
   // W tile = rows [kt*64, kt*64 + 64) x cols [k0, k0 + 128).
   const NF4TileDecoder<kTileK, kBlockN> dec(tid, p.k);
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_bwd_dx_kernel(const __grid_
 
     const uint32_t dys = smem_addr(dy_tile(slot));
     const uint32_t bs = smem_addr(b_tile(slot));
-    const uint32_t ws = smem_addr(wdec_buf(kt & 1));
+    const uint32_t ws = smem_addr(wdec_buf(kt));
 #pragma unroll
     for (int kk = 0; kk < kTileK / 16; ++kk) {
       warp_mma_k16<T, BLayout::kKN, L::kStride, L::kWStride>(acc, dys + a_off, ws + w_off, kk);
@@ -150,8 +150,10 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_bwd_dx_kernel(const __grid_
     }
 
     cp_async_wait_dyn(stages - 2);
-    if (kt + 1 < num_n_tiles)
-      dec.template decode<T>(wdec_buf((kt + 1) & 1), packed(next_slot), code_s, next_scale, tid);
+    if (kt + 1 < num_n_tiles) {
+      if (!double_wdec) __syncthreads();  // single buffer: every warp is done reading it
+      dec.template decode<T>(wdec_buf(kt + 1), packed(next_slot), code_s, next_scale, tid);
+    }
     slot = next_slot;
   }
 
@@ -203,10 +205,13 @@ void launch_qlora_bwd_dx(QloraBwdDxParams p, at::ScalarType dtype, cudaStream_t 
   dispatch_rank(p.r, [&](auto rank_bucket) {
     constexpr int kRPad = decltype(rank_bucket)::value;
     using L = DxSmem<kRPad>;
-    p.stages = pick_stages(L::kFixedBytes, L::kStageBytes, L::kEpilogueBytes, smem_limit);
-    TORCH_CHECK(p.stages >= 2, "qlora_linear_backward: rank r = ", p.r, " needs ", L::bytes(2),
+    const PipelineConfig cfg =
+        pick_pipeline(L::kCodeBytes, L::kWdecBytes, L::kStageBytes, L::kEpilogueBytes, smem_limit);
+    TORCH_CHECK(cfg.stages >= 2, "qlora_linear_backward: rank r = ", p.r, " needs ", cfg.smem_bytes,
                 " bytes of shared memory per block, this device allows ", smem_limit);
-    const int smem = L::bytes(p.stages);
+    p.stages = cfg.stages;
+    p.wdec_buffers = cfg.wdec_buffers;
+    const int smem = static_cast<int>(cfg.smem_bytes);
     auto kernel =
         dtype == at::kBFloat16 ? qlora_bwd_dx_kernel<__nv_bfloat16, kRPad> : qlora_bwd_dx_kernel<__half, kRPad>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));

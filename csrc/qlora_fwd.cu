@@ -52,9 +52,10 @@ struct QloraFwdParams {
   bool dropout;            // p > 0 (else no mask at all)
   bool lora_B_async;       // r % 8 == 0 and lora_B 16-byte aligned: rows can be cp.async'd
   int stages;              // cp.async ring depth (2..4), chosen by the launcher from the device's smem
+  int wdec_buffers;        // decoded-W buffers: 2 (decode overlaps the MMAs) or 1 (small-smem fallback)
 };
 
-// Shared-memory layout, bytes. [code table][decoded W x2][ring: stages x (x | lora_A | packed W)].
+// Shared-memory layout, bytes. [code table][decoded W x wdec_buffers][ring: stages x (x | lora_A | packed W)].
 // The epilogue reuses everything after the code table for u [128][kRPad] and lora_B [128][kRPad].
 template <int kRPad>
 struct FwdSmem {
@@ -65,9 +66,7 @@ struct FwdSmem {
   static constexpr int kStageBytes = kXBytes + kABytes + kPackedStageBytes;
   static constexpr int kWdecBytes = kBlockN * kStride * 2;
   static constexpr int kCodeBytes = 128;                        // 16 fp32 codebook entries, padded
-  static constexpr int kFixedBytes = kCodeBytes + 2 * kWdecBytes;
   static constexpr int kEpilogueBytes = kCodeBytes + (kBlockM + kBlockN) * kRStride * 2;
-  static int bytes(int stages) { return std::max(kFixedBytes + stages * kStageBytes, kEpilogueBytes); }
 };
 
 template <typename T,   // __nv_bfloat16 or __half: x, lora_A, lora_B, bias, y, u
@@ -76,8 +75,8 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_fwd_kernel(const __grid_con
   using L = FwdSmem<kRPad>;
   extern __shared__ __align__(128) uint8_t smem[];
   float* code_s = reinterpret_cast<float*>(smem);
-  uint16_t* wdec = reinterpret_cast<uint16_t*>(smem + L::kCodeBytes);  // [2][kBlockN][kStride]
-  uint8_t* ring = smem + L::kFixedBytes;
+  uint16_t* wdec = reinterpret_cast<uint16_t*>(smem + L::kCodeBytes);  // [wdec_buffers][kBlockN][kStride]
+  uint8_t* ring = smem + L::kCodeBytes + p.wdec_buffers * L::kWdecBytes;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
@@ -85,11 +84,12 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_fwd_kernel(const __grid_con
   const int64_t n0 = int64_t(blockIdx.x) * kBlockN;
   const int num_k_tiles = static_cast<int>(p.k / kTileK);
   const int stages = p.stages;
+  const bool double_wdec = p.wdec_buffers == 2;
 
   auto x_tile = [&](int s) { return reinterpret_cast<uint16_t*>(ring + s * L::kStageBytes); };
   auto a_tile = [&](int s) { return reinterpret_cast<uint16_t*>(ring + s * L::kStageBytes + L::kXBytes); };
   auto packed = [&](int s) { return ring + s * L::kStageBytes + L::kXBytes + L::kABytes; };
-  auto wdec_buf = [&](int b) { return wdec + b * (kBlockN * L::kStride); };
+  auto wdec_buf = [&](int kt) { return wdec + (double_wdec ? kt & 1 : 0) * (kBlockN * L::kStride); };
 
   // W tile = rows [n0, n0 + 128) x cols [k0, k0 + 64): thread tid owns row tid/2, half tid%2.
   const NF4TileDecoder<kBlockN, kTileK> dec(tid, p.k);
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_fwd_kernel(const __grid_con
 
     const uint32_t xs = smem_addr(x_tile(slot));
     const uint32_t as = smem_addr(a_tile(slot));
-    const uint32_t ws = smem_addr(wdec_buf(kt & 1));
+    const uint32_t ws = smem_addr(wdec_buf(kt));
 #pragma unroll
     for (int kk = 0; kk < kTileK / 16; ++kk) {
       warp_mma_k16<T, BLayout::kNK, L::kStride, L::kStride>(acc, xs + a_off, ws + w_off, kk);
@@ -165,10 +165,13 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_fwd_kernel(const __grid_con
       warp_mma_rank_k16<T, BLayout::kNK, kRPad, L::kStride>(acc_u, au, as + la_off, kk);
     }
 
-    // Decode k-tile kt+1 into the other buffer while the MMAs above drain (own chunk: no barrier needed).
+    // Decode k-tile kt+1 into the other buffer while the MMAs above drain (own packed chunk: only this
+    // thread's wait_group is needed). With a single buffer every warp must first be done reading it.
     cp_async_wait_dyn(stages - 2);
-    if (kt + 1 < num_k_tiles)
-      dec.template decode<T>(wdec_buf((kt + 1) & 1), packed(next_slot), code_s, next_scale, tid);
+    if (kt + 1 < num_k_tiles) {
+      if (!double_wdec) __syncthreads();
+      dec.template decode<T>(wdec_buf(kt + 1), packed(next_slot), code_s, next_scale, tid);
+    }
     slot = next_slot;
   }
 
@@ -236,10 +239,13 @@ void launch_qlora_fwd(QloraFwdParams p, at::ScalarType dtype, cudaStream_t strea
   dispatch_rank(p.r, [&](auto rank_bucket) {
     constexpr int kRPad = decltype(rank_bucket)::value;
     using L = FwdSmem<kRPad>;
-    p.stages = pick_stages(L::kFixedBytes, L::kStageBytes, L::kEpilogueBytes, smem_limit);
-    TORCH_CHECK(p.stages >= 2, "qlora_linear: rank r = ", p.r, " needs ", L::bytes(2),
+    const PipelineConfig cfg =
+        pick_pipeline(L::kCodeBytes, L::kWdecBytes, L::kStageBytes, L::kEpilogueBytes, smem_limit);
+    TORCH_CHECK(cfg.stages >= 2, "qlora_linear: rank r = ", p.r, " needs ", cfg.smem_bytes,
                 " bytes of shared memory per block, this device allows ", smem_limit);
-    const int smem = L::bytes(p.stages);
+    p.stages = cfg.stages;
+    p.wdec_buffers = cfg.wdec_buffers;
+    const int smem = static_cast<int>(cfg.smem_bytes);
     auto kernel = dtype == at::kBFloat16 ? qlora_fwd_kernel<__nv_bfloat16, kRPad> : qlora_fwd_kernel<__half, kRPad>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     kernel<<<grid, kThreads, smem, stream>>>(p);

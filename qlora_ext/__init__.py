@@ -9,7 +9,9 @@ from . import ops, reference
 from .nf4 import NF4Weight, quantize_nf4
 from .nn import QLoRALinear
 from .ops import has_cuda_kernels
+from .peft_compat import apply, load_adapter, lora_plus_param_groups, merge_and_unload, save_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["NF4Weight", "QLoRALinear", "quantize_nf4", "has_cuda_kernels", "ops", "reference", "__version__"]
+__all__ = ["NF4Weight", "QLoRALinear", "quantize_nf4", "has_cuda_kernels", "apply", "save_adapter", "load_adapter",
+           "lora_plus_param_groups", "merge_and_unload", "ops", "reference", "__version__"]

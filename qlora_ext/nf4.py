@@ -71,7 +71,7 @@ class NF4Weight:
         return self.packed.device
 
     def op_args(self):
-        """The six storage tensors in op argument order: (w_nf4 1-D, absmax, code, nested_absmax, nested_code, offset)."""
+        """The six storage tensors in op order: (w_nf4 1-D, absmax, code, nested_absmax, nested_code, offset)."""
         return self.packed.view(-1), self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -26,7 +26,8 @@ class QLoRALinear(nn.Module):
 
     def __init__(self, weight_nf4: NF4Weight, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
                  use_rslora: bool = False, bias: Optional[Tensor] = None, init: str = "kaiming",
-                 freeze_A: bool = False, dtype: Optional[torch.dtype] = None):
+                 freeze_A: bool = False, dtype: Optional[torch.dtype] = None,
+                 init_weight: Optional[Tensor] = None):
         super().__init__()
         n, k = weight_nf4.shape
         if not isinstance(r, int) or r < 1:
@@ -44,7 +45,7 @@ class QLoRALinear(nn.Module):
         device = weight_nf4.packed.device
         self.lora_A = nn.Parameter(torch.empty(r, k, dtype=dtype, device=device), requires_grad=not freeze_A)
         self.lora_B = nn.Parameter(torch.zeros(n, r, dtype=dtype, device=device))
-        self._init_adapter(init)
+        self._init_adapter(init, init_weight)
         if bias is not None:
             bias = nn.Parameter(bias.detach().to(dtype=dtype, device=device).clone(), requires_grad=False)
         self.bias = bias
@@ -58,7 +59,10 @@ class QLoRALinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         weight_nf4 = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls(weight_nf4, r, lora_alpha, lora_dropout, use_rslora, linear.bias, init, freeze_A)
+        # PiSSA/OLoRA decompose the full-precision weight when there is one (QPiSSA's point: the 4-bit base then
+        # only carries the residual).
+        return cls(weight_nf4, r, lora_alpha, lora_dropout, use_rslora, linear.bias, init, freeze_A,
+                   init_weight=linear.weight.detach())
 
     @classmethod
     def from_bnb(cls, linear4bit: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
@@ -71,19 +75,21 @@ class QLoRALinear(nn.Module):
         weight_nf4 = NF4Weight.from_bnb(linear4bit.weight.data, quant_state)
         return cls(weight_nf4, r, lora_alpha, lora_dropout, use_rslora, linear4bit.bias, init, freeze_A)
 
-    def _init_adapter(self, init: str) -> None:
+    def _init_adapter(self, init: str, init_weight: Optional[Tensor]) -> None:
+        from .init import init_lora
+        n, k = self.weight_nf4.shape
+        if init in ("kaiming", "gaussian"):
+            # These only need the weight's shape and device: a zero-stride stand-in avoids dequantizing w.
+            init_weight = torch.zeros((), device=self.lora_A.device).expand(n, k)
+        elif init_weight is None:
+            init_weight = self.weight_nf4.dequantize(torch.float32)
+        lora_A, lora_B, residual = init_lora(init_weight.float(), self.r, init, scaling=self.scaling)
         with torch.no_grad():
-            if init == "kaiming":  # PEFT/loralib default: A ~ kaiming_uniform(a=√5), B = 0
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-                self.lora_B.zero_()
-                return
-            from .init import init_lora  # data-aware inits (gaussian, pissa, olora) live with the PEFT layer
-            lora_A, lora_B, residual = init_lora(self.weight_nf4.dequantize(torch.float32), self.r, init)
             self.lora_A.copy_(lora_A)
             self.lora_B.copy_(lora_B)
-            if residual is not None:  # PiSSA/OLoRA: the base becomes w − s·B·A, requantized
-                self.weight_nf4 = quantize_nf4(residual.to(self.weight_nf4.dtype), self.weight_nf4.blocksize,
-                                               self.weight_nf4.nested_absmax is not None)
+        if residual is not None:  # PiSSA/OLoRA: the base becomes w − s·B·A, requantized
+            self.weight_nf4 = quantize_nf4(residual.to(self.weight_nf4.dtype), self.weight_nf4.blocksize,
+                                           self.weight_nf4.double_quant)
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -102,6 +102,8 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 @quantize_nf4.register_kernel("cuda")
 def _(w: Tensor, blocksize: int, double_quant: bool):
     if blocksize == _KERNEL_BLOCKSIZE and w.numel() > 0 and _kernels_enabled():
+        # The kernel cannot reject NaN/Inf without a host sync; quantizing is a load-time step, so check here.
+        reference.check_quantize_input(w, blocksize)
         w_nf4, absmax, nested_absmax, offset = _C.quantize_nf4_cuda(w.contiguous(), blocksize, double_quant)
         return w_nf4, absmax, _or_empty(nested_absmax, w), _or_empty(offset, w)
     w_nf4, absmax, nested_absmax, offset = reference.quantize_nf4(w, blocksize, double_quant)

@@ -21,9 +21,9 @@ nblocks = ceil(N / blocksize)); the last block may be partial.
    Strict ``>``: a value exactly on a threshold takes the LOWER code. These 15 thresholds are bit-identical
    to the literals of bnb's CUDA ``dQuantizeNF4`` decision tree.
 4. All-zero block: the 1e-38 clamp makes v = 0, so every nibble is 7 (code 0.0) and the block dequantizes
-   to +0.0. A full block stores absmax = 0; the partial last block stores the clamped fp32(1e-38) (bnb's
-   CPU backend clamps before storing there only). (bnb's CUDA kernel computes 0 * inf = NaN there and stores nibble 0; its CPU
-   backend stores 7 — we follow the CPU backend; both dequantize to zero.)
+   to +0.0. A full block stores absmax = 0; a partial last block stores the clamped value fp32(1e-38)
+   (bnb's CPU backend clamps before storing only there). bnb's CUDA kernel instead computes 0 * inf = NaN
+   and stores nibble 0 (dequantizing to -0.0); we follow the CPU backend.
 5. Packing: byte j = (nibble[2j] << 4) | nibble[2j+1]. When N is odd the missing last nibble is 7
    (bnb pads v with 0.0 before coding).
 
@@ -39,11 +39,12 @@ Double quantization (``double_quant=True``; bnb ``compress_statistics=True``)
    1, otherwise down) ending at pivot p; then
      if ``v > code[p]``: code p+1 when ``v > fp32(code[p] + code[p+1]) * 0.5`` else p   (tie -> p, lower)
      else:               code p-1 when ``v < fp32(code[p-1] + code[p]) * 0.5`` else p   (tie -> p, upper)
-   (code[-1] reads as code[0].) This is the nearest code; on an exact midpoint the pivot p wins.
+   (code[-1] reads as code[0].) This is the nearest code. p is always even (127 ± 64 ± ... ± 2 is odd, the
+   last ±1 makes it even), so on an exact midpoint between codes i and i+1 the EVEN index wins.
    NaN compares false everywhere and gets code 0.
    Note: bnb 0.50.2's *CPU* backend does NOT do this; it looks v up in a 65536-bin table built from the
-   same midpoints, which picks a non-nearest code for about 1% of the values (and never the codes for
-   |v| < 2e-5, e.g. 0.0 becomes code 131 = +2.1e-5). Our rule equals bnb on CUDA, where checkpoints are
+   same midpoints, which picks a non-nearest code for about 1% of the values (and never one of the seven
+   codes with |code| < 1e-5: 0.0 becomes code 131 = +2.1e-5). Our rule equals bnb on CUDA, where checkpoints are
    made, and is the exact nearest code; tests check that wherever bnb CPU disagrees, ours is nearer.
 
 Dequantization (``dequantize_nf4``), bit-exact with bnb's dequantize_4bit, no FMA contraction:
@@ -64,7 +65,6 @@ reused (the kernels feed them to tensor cores in that dtype).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -197,7 +197,7 @@ def _normalize_blocks(values: torch.Tensor, blocksize: int, floor: float, tail_d
     return absmax, v
 
 
-def _nearest_code_bisect(v: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def nested_code_index(v: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rule step 8: bnb CUDA dQuantize<0> over a sorted 256-entry table. v: fp32; returns int64 indices."""
     pivot = torch.full_like(v, 127, dtype=torch.int64)
     for step in (64, 32, 16, 8, 4, 2, 1):
@@ -236,14 +236,14 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         v = torch.nn.functional.pad(v, (0, 1))  # the pad 0.0 codes to nibble 7, as in bnb
     code = nf4_code(w.device)
     thresholds = (code[:-1] + code[1:]) / 2
-    nibbles = torch.bucketize(v, thresholds).to(torch.uint8)  # right=False: count of thresholds < v
+    nibbles = torch.bucketize(v, thresholds, out_int32=True).to(torch.uint8)  # count of thresholds < v
     w_nf4 = (nibbles[0::2] << 4) | nibbles[1::2]
     if not double_quant:
         return w_nf4, absmax, None, None
 
     offset = absmax.mean()
     nested_absmax, v8 = _normalize_blocks(absmax - offset, NESTED_BLOCKSIZE, 0.0, tail_divides=False)
-    absmax_q = _nearest_code_bisect(v8, dynamic_map_signed(w.device)).to(torch.uint8)
+    absmax_q = nested_code_index(v8, dynamic_map_signed(w.device)).to(torch.uint8)
     return w_nf4, absmax_q, nested_absmax, offset
 
 
@@ -252,7 +252,7 @@ def block_scales(absmax, nested_absmax=None, nested_code=None, offset=None) -> t
     if nested_absmax is None:
         return absmax
     group = torch.arange(absmax.numel(), device=absmax.device) // NESTED_BLOCKSIZE
-    return nested_code[absmax.long()] * nested_absmax[group] + offset  # two roundings: torch never fuses
+    return nested_code[absmax.int()] * nested_absmax[group] + offset  # two kernels, two roundings: no FMA
 
 
 def dequantize_nf4(w_nf4, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, dtype):
@@ -261,7 +261,7 @@ def dequantize_nf4(w_nf4, absmax, code, nested_absmax, nested_code, offset, n, k
         raise TypeError(f"dtype: expected one of {list(FLOAT_DTYPES)}, got {dtype}")
     check_nf4_storage(w_nf4, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, w_nf4.device)
     count = n * k
-    nibbles = torch.stack([w_nf4 >> 4, w_nf4 & 0xF], dim=1).reshape(-1)[:count].long()
+    nibbles = torch.stack([w_nf4 >> 4, w_nf4 & 0xF], dim=1).reshape(-1)[:count].int()
     scale = block_scales(absmax, nested_absmax, nested_code, offset)
     nblocks = scale.numel()
     values = torch.nn.functional.pad(code[nibbles], (0, nblocks * blocksize - count))

@@ -24,11 +24,11 @@ def bnb():
 
 
 @pytest.fixture
-def eager_bnb(bnb, monkeypatch):
+def eager_bnb(bnb):
     """bnb wraps its PyTorch fallback dequant (odd k, blocksize >= 2048 on AVX-512) in torch.compile; run it
     eagerly: the same arithmetic without ~10 s of compilation per dtype."""
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
-    return bnb
+    with torch.compiler.set_stance("force_eager"):
+        yield bnb
 
 
 def make_weight(n, k, dtype, seed, zero_block=None, blocksize=64):
@@ -158,25 +158,33 @@ def test_double_quant_equals_bnb_given_same_offset(bnb, shape, blocksize, dtype)
 
 
 def test_nested_code_is_the_nearest_code():
-    # Independent oracle: brute-force nearest code in float64 (exact midpoints excluded: there the rule decides).
+    # Independent oracle: brute-force nearest code in float64 (ties: next test).
     gen = torch.Generator().manual_seed(17)
     v = torch.rand(20000, generator=gen) * 2 - 1
     code = reference.dynamic_map_signed()
-    idx = reference._nearest_code_bisect(v, code)
+    idx = reference.nested_code_index(v, code)
     dist = (v.double().unsqueeze(1) - code.double().unsqueeze(0)).abs()
     best = dist.min(dim=1).values
     assert bool((dist.gather(1, idx.unsqueeze(1)).squeeze(1) == best).all())
 
 
+def test_nested_code_midpoint_ties_take_the_even_index():
+    # bnb CUDA's bisection always ends on an even pivot, and a tie keeps the pivot.
+    code = reference.dynamic_map_signed()
+    midpoints = (code[:-1] + code[1:]) / 2
+    lower = torch.arange(255)
+    assert torch.equal(reference.nested_code_index(midpoints, code), lower + lower % 2)
+
+
 def test_nested_code_extremes():
     code = reference.dynamic_map_signed()
     v = torch.tensor([-1.0, 1.0, 0.0, float("nan")])
-    assert reference._nearest_code_bisect(v, code).tolist() == [0, 255, 127, 0]  # NaN: bnb CUDA's code 0
+    assert reference.nested_code_index(v, code).tolist() == [0, 255, 127, 0]  # NaN: bnb CUDA's code 0
 
 
 def test_double_quant_dequantizes_close_to_fp32_absmax():
     w = make_weight(300, 256, torch.float32, seed=23)
-    w_nf4, absmax_q, nested_absmax, offset = reference.quantize_nf4(w, 64, True)
+    _, absmax_q, nested_absmax, offset = reference.quantize_nf4(w, 64, True)
     _, absmax_fp32, _, _ = reference.quantize_nf4(w, 64, False)
     scale = reference.block_scales(absmax_q, nested_absmax, reference.dynamic_map_signed(), offset)
     # Nearest of 256 dynamic codes on [-1, 1]: the top decade has spacing 0.9/64, so the error is below
@@ -195,22 +203,20 @@ def test_double_quant_dequantizes_close_to_fp32_absmax():
 @pytest.mark.parametrize("shape,blocksize", [((96, 64), 64), ((31, 128), 32), ((40, 4096), 4096), ((300, 1024), 256)],
                          ids=["96x64-bs64", "31x128-bs32", "40x4096-bs4096", "300x1024-bs256"])
 def test_dequant_of_bnb_state_equals_bnb(eager_bnb, shape, blocksize, double_quant, out_dtype):
-    bnb = eager_bnb
     w = make_weight(*shape, torch.bfloat16, seed=shape[0] + blocksize, zero_block=1, blocksize=blocksize)
-    packed, state = bnb_quantize(bnb, w, blocksize, double_quant)
+    packed, state = bnb_quantize(eager_bnb, w, blocksize, double_quant)
     state.dtype = out_dtype  # bnb dequantizes to quant_state.dtype
-    expected = bnb.functional.dequantize_4bit(packed, state, quant_type="nf4")
+    expected = eager_bnb.functional.dequantize_4bit(packed, state, quant_type="nf4")
     ours = NF4Weight.from_bnb(packed, state).dequantize(out_dtype)
     assert ours.dtype == expected.dtype and torch.equal(bits(ours), bits(expected))
 
 
 def test_dequant_odd_k_equals_bnb(eager_bnb):
-    bnb = eager_bnb
     w = make_weight(33, 77, torch.float16, seed=29)
-    packed, state = bnb_quantize(bnb, w, 64, double_quant=True)
+    packed, state = bnb_quantize(eager_bnb, w, 64, double_quant=True)
     for out_dtype in FLOAT_DTYPES.values():
         state.dtype = out_dtype
-        expected = bnb.functional.dequantize_4bit(packed, state, quant_type="nf4")
+        expected = eager_bnb.functional.dequantize_4bit(packed, state, quant_type="nf4")
         assert torch.equal(bits(NF4Weight.from_bnb(packed, state).dequantize(out_dtype)), bits(expected))
 
 

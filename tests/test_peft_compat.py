@@ -28,14 +28,14 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 N_LAYERS = 2
 
 
-def tiny_llama(attention_bias=True):
+def tiny_llama():
     """Hidden 64 / intermediate 128: every k is a multiple of 64, as on the fast path; biased attention projections
-    give the bias modes something to act on."""
+    give the bias modes something to act on. The same seed gives the same weights every call."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                                      attention_bias=attention_bias)
-    return transformers.LlamaForCausalLM(config).eval()
+                                      attention_bias=True)
+    return transformers.LlamaForCausalLM(config)
 
 
 def to_bnb4bit(model):
@@ -315,8 +315,8 @@ def test_merge_and_unload_requantize_reports_its_error():
 def low_rank_plus_noise(n=96, k=128, rank=4, seed=0):
     """A weight dominated by `rank` directions (as trained weights are), so PiSSA's split is meaningful."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, rank, generator=g) @ torch.randn(rank, k, generator=g) + 0.05 * torch.randn(n, k,
-                                                                                                     generator=g)
+    dominant = torch.randn(n, rank, generator=g) @ torch.randn(rank, k, generator=g)
+    return dominant + 0.05 * torch.randn(n, k, generator=g)
 
 
 @pytest.mark.parametrize("method", ["pissa", "pissa_niter_8", "olora"])
@@ -393,9 +393,11 @@ def test_decomposing_init_on_a_4bit_base(method, source):
         # The full-precision w is at hand: decompose it and quantize only the residual.
         decomposed = w
     else:
-        layer = QLoRALinear.from_bnb(to_bnb4bit(nn.Sequential(linear))[0], r=4, lora_alpha=8, init=method)
+        bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not importable")
+        linear4bit = to_bnb4bit(nn.Sequential(linear))[0]
         # A 4-bit checkpoint is all there is: decompose its dequantization.
-        decomposed = quantize_nf4(w).dequantize(torch.float32)
+        decomposed = bnb.functional.dequantize_4bit(linear4bit.weight.data, linear4bit.weight.quant_state)
+        layer = QLoRALinear.from_bnb(linear4bit, r=4, lora_alpha=8, init=method)
     lora_A, lora_B, residual = init_lora(decomposed, 4, method, scaling=layer.scaling)
     assert torch.equal(layer.lora_A, lora_A) and torch.equal(layer.lora_B, lora_B)
     assert torch.equal(layer.weight_nf4.packed, quantize_nf4(residual).packed)

@@ -230,6 +230,7 @@ template <int kRows, int kCols>
 __device__ __forceinline__ void load_tile_sync(uint16_t* tile, const uint16_t* origin, int64_t ld,
                                                int64_t rows_valid, int64_t cols_valid, int tid) {
   constexpr int kStride = kCols + kPad;
+#pragma unroll 1
   for (int e = tid; e < kRows * kCols; e += kThreads) {
     const int row = e / kCols, col = e % kCols;
     tile[row * kStride + col] = (row < rows_valid && col < cols_valid) ? __ldg(origin + row * ld + col)
@@ -323,14 +324,24 @@ void dispatch_rank(int64_t r, F&& f) {
   else f(std::integral_constant<int, 128>{});
 }
 
-// Deepest cp.async ring (<= kMaxStages, >= 2) whose shared memory fits the device's opt-in limit;
-// 0 if even two stages do not fit.
-inline int pick_stages(int64_t fixed_bytes, int64_t stage_bytes, int64_t epilogue_bytes, int64_t limit) {
-  for (int s = kMaxStages; s >= 2; --s) {
-    const int64_t bytes = std::max(fixed_bytes + s * stage_bytes, epilogue_bytes);
-    if (bytes <= limit) return s;
-  }
-  return 0;
+// Pipeline shape for one kernel instance: the deepest cp.async ring (<= kMaxStages) with a double-buffered
+// decoded-W tile that fits the device's opt-in shared memory; failing that (99 KB parts, sm86/89, at r > 64)
+// a single decoded-W buffer with two stages, which costs one extra barrier per k-tile. stages == 0: nothing fits.
+struct PipelineConfig {
+  int stages;
+  int wdec_buffers;
+  int64_t smem_bytes;
+};
+
+inline PipelineConfig pick_pipeline(int64_t code_bytes, int64_t wdec_bytes, int64_t stage_bytes,
+                                    int64_t epilogue_bytes, int64_t limit) {
+  auto bytes = [&](int stages, int bufs) {
+    return std::max(code_bytes + bufs * wdec_bytes + stages * stage_bytes, epilogue_bytes);
+  };
+  for (int s = kMaxStages; s >= 2; --s)
+    if (bytes(s, 2) <= limit) return {s, 2, bytes(s, 2)};
+  if (bytes(2, 1) <= limit) return {2, 1, bytes(2, 1)};
+  return {0, 0, bytes(2, 1)};
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

@@ -1,0 +1,261 @@
+"""A short QLoRA fine-tune: a Llama-architecture model, all-linear NF4 + LoRA through qlora_ext, a bundled text.
+
+    python examples/finetune.py                  # GPU: bf16, 4 layers at width 2048; CPU: fp32, tiny, < 1 min
+    python examples/finetune.py --steps 5        # smoke test
+    python examples/finetune.py --backend bnb-peft --log-json runs/bnb.json   # same run through bitsandbytes + PEFT
+
+The model is built from a transformers LlamaConfig with random weights (nothing is downloaded) and the text is
+tokenized as raw UTF-8 bytes (vocabulary 256, no tokenizer files). Every linear layer of the decoder is frozen
+as NF4 (bitsandbytes' format, double-quantized) and gets a LoRA adapter; only the adapters train. The base is
+random, so the loss falls as the adapters learn the text's byte statistics; the point is the training loop and
+its speed, not the model.
+
+With --backend bnb-peft the same model, data order and adapter initialization run through bitsandbytes
+Linear4bit + PEFT instead, so the two --log-json loss curves can be compared step by step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+DATA = Path(__file__).resolve().parent / "data" / "lighthouse_almanac.txt"
+# Per-device defaults: (layers, hidden, intermediate, heads, kv_heads, seq, batch, steps, lr).
+# GPU: TinyLlama-1.1B's layer shapes (every K a multiple of 64, the fused kernels' fast path).
+GPU_DEFAULTS = dict(layers=4, hidden=2048, intermediate=5632, heads=32, kv_heads=4, seq=512, batch=8, steps=200,
+                    lr=2e-4)
+CPU_DEFAULTS = dict(layers=2, hidden=128, intermediate=384, heads=4, kv_heads=2, seq=128, batch=8, steps=40,
+                    lr=2e-3)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--backend", default="qlora_ext", choices=["qlora_ext", "bnb-peft"])
+    p.add_argument("--steps", type=int, help="optimizer steps (default: 200 on GPU, 40 on CPU)")
+    p.add_argument("--batch", type=int, help="sequences per step (default: 8)")
+    p.add_argument("--seq", type=int, help="bytes per sequence (default: 512 on GPU, 128 on CPU)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: 2e-4 on GPU, 2e-3 on CPU)")
+    p.add_argument("--layers", type=int, help="decoder layers (default: 4 on GPU, 2 on CPU)")
+    p.add_argument("--hidden", type=int, help="model width (default: 2048 on GPU, 128 on CPU)")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", type=Path, default=DATA, help="a UTF-8 text file")
+    p.add_argument("--log-json", type=Path, help="write the per-step losses and the summary here")
+    return p.parse_args()
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the per-device defaults the user did not set."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = torch.device(args.device)
+    defaults = GPU_DEFAULTS if args.device.type == "cuda" else CPU_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.hidden != defaults["hidden"]:  # a custom width: keep the Llama proportions
+        args.intermediate = 64 * math.ceil(args.hidden * 8 / 3 / 64)
+        args.heads = max(1, args.hidden // 64)
+        args.kv_heads = max(1, args.heads // 4)
+    args.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")]
+    return args
+
+
+# ---- data: UTF-8 bytes, random windows -------------------------------------------------------------------------
+def load_bytes(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).long()
+    split = int(0.9 * data.numel())
+    return data[:split], data[split:]
+
+
+def batches(data: torch.Tensor, batch: int, seq: int, generator: torch.Generator):
+    """Endless random windows of seq bytes; the model shifts the labels itself."""
+    while True:
+        starts = torch.randint(0, data.numel() - seq, (batch,), generator=generator)
+        yield torch.stack([data[s:s + seq] for s in starts.tolist()])
+
+
+# ---- model -----------------------------------------------------------------------------------------------------
+def build_model(args: argparse.Namespace) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq, 128),
+                         tie_word_embeddings=False, use_cache=False)
+    torch.manual_seed(args.seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(args.dtype)
+    try:
+        with torch.device(args.device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.requires_grad_(False)
+
+
+def decoder_linears(model: nn.Module) -> list[str]:
+    """The "all-linear" set: every nn.Linear except the output head."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not name.endswith("lm_head")]
+
+
+def adapter_init(name: str, r: int, k: int, seed: int) -> torch.Tensor:
+    """lora_A as PEFT initialises it (Kaiming-uniform, a=sqrt(5)), but from a per-layer seed, so both backends
+    start from identical adapters. lora_B starts at zero in both, so the layer starts equal to its base."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + sum(map(ord, name)) * 7919 + len(name))
+    bound = 1.0 / math.sqrt(k)  # kaiming_uniform_(a=sqrt(5)) on an [r, k] matrix
+    return (torch.rand(r, k, generator=g, dtype=torch.float32) * 2 - 1) * bound
+
+
+def attach_qlora_ext(model: nn.Module, args: argparse.Namespace) -> tuple[nn.Module, int]:
+    """All-linear QLoRA through qlora_ext, in place. Returns (model to call, number of QLoRA layers)."""
+    import qlora_ext
+
+    names = decoder_linears(model)
+    apply = getattr(qlora_ext, "apply", None)
+    if apply is None:
+        try:
+            from qlora_ext.peft_compat import apply
+        except ImportError:
+            apply = None
+    if apply is not None:
+        apply(model, r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+              target_modules="all-linear")
+    else:  # the layer API directly
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            linear = model.get_submodule(name)
+            setattr(model.get_submodule(parent), child,
+                    qlora_ext.QLoRALinear.from_linear(linear, r=args.r, lora_alpha=args.lora_alpha,
+                                                      lora_dropout=args.lora_dropout))
+    model.requires_grad_(False)
+    for name in names:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, qlora_ext.QLoRALinear), f"{name} was not converted"
+        with torch.no_grad():
+            layer.lora_A.copy_(adapter_init(name, args.r, layer.in_features, args.seed))
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    return model, len(names)
+
+
+def attach_bnb_peft(model: nn.Module, args: argparse.Namespace) -> tuple[nn.Module, int]:
+    """The same through bitsandbytes Linear4bit + PEFT (the path users take today)."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    names = decoder_linears(model)
+    for name in names:  # what from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant)) builds
+        parent, _, child = name.rpartition(".")
+        linear = model.get_submodule(name)
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=args.dtype, compress_statistics=True, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+        setattr(model.get_submodule(parent), child, q.to(args.device))
+    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                             target_modules="all-linear"))
+    for name in names:
+        weight = model.base_model.model.get_submodule(name).lora_A["default"].weight
+        with torch.no_grad():
+            weight.copy_(adapter_init(name, args.r, weight.shape[1], args.seed))
+    return model, len(names)
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, data: torch.Tensor, args: argparse.Namespace, batches_n: int = 4) -> float:
+    model.eval()
+    g = torch.Generator().manual_seed(args.seed + 1)
+    it = batches(data, args.batch, args.seq, g)
+    total = 0.0
+    for _ in range(batches_n):
+        ids = next(it).to(args.device)
+        total += model(input_ids=ids, labels=ids).loss.item()
+    model.train()
+    return total / batches_n
+
+
+def main() -> None:
+    args = resolve(parse_args())
+    train, val = load_bytes(args.data)
+    dev = args.device
+    print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), dtype "
+          f"{str(args.dtype).removeprefix('torch.')}, backend {args.backend}")
+    print(f"data {args.data.name}: {train.numel():,} train / {val.numel():,} val bytes")
+
+    model = build_model(args)
+    attach = attach_qlora_ext if args.backend == "qlora_ext" else attach_bnb_peft
+    model, n_layers = attach(model, args)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(f"model: {args.layers} layers, width {args.hidden}, {n_layers} QLoRA linears at r={args.r}; "
+          f"{sum(p.numel() for p in trainable):,} trainable parameters")
+
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    stream = batches(train, args.batch, args.seq, gen)
+    tokens_per_step = args.batch * args.seq
+    warmup = min(3, max(0, args.steps - 1))  # first steps include kernel selection / allocator growth
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    losses, t_steady = [], None
+    model.train()
+    bar = tqdm(range(args.steps), desc="fine-tune", unit="step")
+    for step in bar:
+        if step == warmup:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t_steady = time.perf_counter()
+        ids = next(stream).to(dev, non_blocking=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # syncs, so the wall time below is real time
+        if step >= warmup and step > 0:
+            elapsed = time.perf_counter() - t_steady
+            rate = (step - warmup + 1) * tokens_per_step / elapsed if elapsed > 0 else float("nan")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
+        else:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    steady_steps = args.steps - warmup
+    elapsed = time.perf_counter() - t_steady if t_steady is not None else float("nan")
+    tok_s = steady_steps * tokens_per_step / elapsed if steady_steps > 0 and elapsed > 0 else float("nan")
+    val_loss = evaluate(model, val, args)
+    tail = losses[-min(10, len(losses)):]
+    summary = {
+        "backend": args.backend, "device": str(dev), "dtype": str(args.dtype).removeprefix("torch."),
+        "layers": args.layers, "hidden": args.hidden, "r": args.r, "batch": args.batch, "seq": args.seq,
+        "steps": args.steps, "first_loss": losses[0], "final_loss": sum(tail) / len(tail), "val_loss": val_loss,
+        "tokens_per_s": tok_s,
+        "peak_mem_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
+    }
+    print(f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} (mean of last {len(tail)} steps), "
+          f"val loss {val_loss:.3f} (uniform bytes: {math.log(256):.3f})")
+    print(f"throughput {tok_s:,.0f} tokens/s over {steady_steps} steps after {warmup} warm-up"
+          + (f", peak memory {summary['peak_mem_mib']:,.0f} MiB" if dev.type == "cuda" else ""))
+    if args.log_json:
+        args.log_json.parent.mkdir(parents=True, exist_ok=True)
+        args.log_json.write_text(json.dumps({**summary, "losses": losses}, indent=1))
+        print(f"wrote {args.log_json}")
+
+
+if __name__ == "__main__":
+    main()
