@@ -15,7 +15,7 @@ The time of a step is host wall time around the synchronized step (Python overhe
 from __future__ import annotations
 
 import gc
-from typing import Callable
+from collections.abc import Callable
 
 from . import _sweep
 from ._impls import Unavailable, _bnb_linear4bit, _err
@@ -177,7 +177,6 @@ def run(model, batch: int, e2e: _sweep.E2ESweep, timer: Callable) -> dict:
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     first, last = float(losses[0]), float(losses[-1])
-    del opt, losses
     for p in trainable:
         p.grad = None
     if not (torch.isfinite(torch.tensor([first, last])).all()):

@@ -41,6 +41,7 @@ class BenchOptions:
     tag: str | None = None
     partial: bool = False  # a selection / filter was applied: output names say so
     adapter_dtype: str = "bf16"
+    fwd_grad: bool = False  # mode fwd with autograd recording instead of no_grad
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     min_samples: int = 10
@@ -134,7 +135,7 @@ class BenchSession:
                 self.ceilings = _timing.measure_ceilings()
             except Exception as e:  # a ceiling failing must not stop the layers; the report falls back
                 self.ceilings = {"error": _impls._err(e)}
-        self.ws = _impls.Workspace(_timing.DEVICE, adapter_dtype=self.opts.adapter_dtype)
+        self.ws = _impls.Workspace(_timing.DEVICE, adapter_dtype=self.opts.adapter_dtype, fwd_grad=self.opts.fwd_grad)
 
     # ---- one layer cell ----
     def _base_layer_row(self, case: _sweep.Case, impl: str) -> dict:
@@ -190,12 +191,12 @@ class BenchSession:
         ws.enter(case.shape)
         prep = None
         try:
-            prep = _impls.BUILDERS[impl](ws, case)
-            row["notes"] += prep.notes
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught:  # e.g. "no CUDA kernels: running the reference"
                 warnings.simplefilter("always")
+                prep = _impls.BUILDERS[impl](ws, case)
                 outs = prep.run()
                 torch.cuda.synchronize()
+            row["notes"] += prep.notes
             msgs = list(dict.fromkeys(_short_warning(w) for w in caught))
             if msgs:
                 row["notes"] += msgs[:3]
@@ -343,7 +344,7 @@ class BenchSession:
             tmp.write_text(json.dumps(doc, indent=1, default=str))
             tmp.replace(path)
         except Exception as e:  # a checkpoint is a convenience; the final write reports its own errors
-            warnings.warn(f"bench checkpoint not written: {_impls._err(e)}")
+            warnings.warn(f"bench checkpoint not written: {_impls._err(e)}", stacklevel=2)
 
     def release(self) -> None:
         self._e2e_model = None
@@ -351,7 +352,7 @@ class BenchSession:
             try:
                 self.ws.release()
             except Exception as e:  # freeing must never turn into a test error
-                warnings.warn(f"bench: releasing GPU memory failed: {_impls._err(e)}")
+                warnings.warn(f"bench: releasing GPU memory failed: {_impls._err(e)}", stacklevel=2)
 
     # ---- output ----
     def document(self, complete: bool) -> dict:
@@ -373,11 +374,13 @@ class BenchSession:
                 "e2e_impls": list(o.e2e_impls),
                 "selection": o.selection,
                 "peft_adapter_dtype": o.adapter_dtype,
+                "fwd_autograd": o.fwd_grad,
             },
             "timing": {
                 "layers": "median of CUDA-event samples, triton.testing.do_bench protocol (warm-up, 256 MB L2 flush "
-                "before every timed call, gradients reset to None); fwd under torch.no_grad(), fwd+bwd = forward "
-                "with autograd + backward(dy) with x requiring grad",
+                "before every timed call, gradients reset to None); fwd under "
+                + ("autograd recording (x requires grad, no backward)" if o.fwd_grad else "torch.no_grad()")
+                + ", fwd+bwd = forward with autograd + backward(dy) with x requiring grad",
                 "e2e": "median host wall time of synchronized training steps (fwd + loss + bwd + AdamW step)",
                 "warmup_ms": o.warmup_ms,
                 "rep_ms": o.rep_ms,
@@ -455,10 +458,11 @@ def finish_test(row: dict, benchmark, session: BenchSession) -> None:
 
     st = row["status"]
     if st == "ok":
+        samples = session.samples.pop(row["cell"])
         if benchmark is not None:
             info = {k: row.get(k) for k in ("impl", "k", "n", "m", "r", "dropout", "mode", "batch", "seq", "ms", "timer",
                                             "peak_extra_MiB", "tflops", "step_ms", "tokens_per_s") if row.get(k) is not None}
-            _timing.feed_benchmark(benchmark, session.samples.pop(row["cell"]), info)
+            _timing.feed_benchmark(benchmark, samples, info)
         return
     if st in ("unavailable", "skipped"):
         pytest.skip(f"{row['impl']}: {row['reason']}")

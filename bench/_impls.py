@@ -8,8 +8,9 @@ factors lora_A [r, k] / lora_B [n, r] and the same inputs x [m, k] / dy [m, n] o
     bf16_peft  frozen bf16 nn.Linear + get_peft_model(LoraConfig(...)): the 16-bit ceiling
     torchao    torchao.dtypes.nf4tensor.to_nf4 + linear_nf4, LoRA written out by hand
 
-Mode "fwd" runs under torch.no_grad() (inference / decode); "fwd+bwd" runs the forward with autograd on an x
-that requires grad, then backward(dy) -- dx is part of the work, as in any layer that is not the first.
+Mode "fwd" runs under torch.no_grad() (inference / decode; --bench-fwd-grad: with autograd recording, as the
+forward half of a training step); "fwd+bwd" runs the forward with autograd on an x that requires grad, then
+backward(dy) -- dx is part of the work, as in any layer that is not the first.
 Modules stay in train() mode, so lora_dropout (when > 0) is applied in both modes.
 """
 
@@ -19,7 +20,7 @@ import dataclasses
 import importlib
 import importlib.util
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 from . import _sweep
 
@@ -139,12 +140,13 @@ def _seed(*key) -> int:
 
 
 class Workspace:
-    def __init__(self, device: str = "cuda", dtype=None, adapter_dtype: str = "bf16"):
+    def __init__(self, device: str = "cuda", dtype=None, adapter_dtype: str = "bf16", fwd_grad: bool = False):
         import torch
 
         self.device = torch.device(device)
         self.dtype = dtype or torch.bfloat16
         self.adapter_dtype = adapter_dtype  # dtype of PEFT's lora_A/lora_B: "bf16" (as ours) or "fp32" (PEFT's default)
+        self.fwd_grad = fwd_grad  # mode "fwd" records autograd (training forward) instead of running under no_grad
         self.shape_id: str | None = None
         self.objs: dict = {}
         self._inputs_key = None
@@ -225,18 +227,27 @@ def _copy_lora(dst_a, dst_b, a, b) -> None:
         dst_b.copy_(b.to(dst_b.dtype))
 
 
-def _module_runner(mod, x, dy, mode: str) -> Prepared:
-    """fwd: no-grad call; fwd+bwd: autograd call on an x that requires grad, then backward(dy)."""
+def _forward_runner(fn, x, fwd_grad: bool) -> Prepared:
+    """Mode fwd: fn(x) under no_grad, or -- with fwd_grad -- recording autograd on an x that requires grad
+    (the forward half of a training step; the graph is dropped after each call)."""
     import torch
 
+    if fwd_grad:
+        xg = x.detach().requires_grad_(True)
+        return Prepared(lambda: [fn(xg)], [], ["fwd with autograd"])
+
+    def run_fwd():
+        with torch.no_grad():
+            return [fn(x)]
+
+    return Prepared(run_fwd, [])
+
+
+def _module_runner(mod, x, dy, mode: str, fwd_grad: bool = False) -> Prepared:
+    """fwd: no-grad call; fwd+bwd: autograd call on an x that requires grad, then backward(dy)."""
     params = [p for p in mod.parameters() if p.requires_grad]
     if mode == "fwd":
-
-        def run_fwd():
-            with torch.no_grad():
-                return [mod(x)]
-
-        return Prepared(run_fwd, [])
+        return _forward_runner(mod, x, fwd_grad)
     xg = x.detach().requires_grad_(True)
 
     def run_fwd_bwd():
@@ -281,7 +292,7 @@ def build_ours(ws: Workspace, case: _sweep.Case) -> Prepared:
 
     mod = ws.get(("ours", case.group), make)
     x, dy = ws.inputs(case, need_dy=case.mode == "fwd+bwd")
-    prep = _module_runner(mod, x, dy, case.mode)
+    prep = _module_runner(mod, x, dy, case.mode, ws.fwd_grad)
     prep.notes.append(f"lora params {mod.lora_A.dtype}".replace("torch.", ""))
     return prep
 
@@ -392,7 +403,7 @@ def build_bnb_peft(ws: Workspace, case: _sweep.Case) -> Prepared:
     lin4 = ws.get("bnb_linear4bit", lambda: _bnb_linear4bit(w))
     model = ws.get(("bnb_peft", case.group), lambda: _peft_wrap(lin4, case, a, b, ws.adapter_dtype))
     x, dy = ws.inputs(case, need_dy=case.mode == "fwd+bwd")
-    prep = _module_runner(model, x, dy, case.mode)
+    prep = _module_runner(model, x, dy, case.mode, ws.fwd_grad)
     prep.notes.append(f"PEFT layer {type(model.base_model.model.base).__module__}.{type(model.base_model.model.base).__name__}")
     prep.notes.append(f"adapters {ws.adapter_dtype}")
     return prep
@@ -407,7 +418,7 @@ def build_bf16_peft(ws: Workspace, case: _sweep.Case) -> Prepared:
     a, b = ws.lora(case.shape, case.r)
     model = ws.get(("bf16_peft", case.group), lambda: _peft_wrap(_frozen_linear(w), case, a, b, ws.adapter_dtype))
     x, dy = ws.inputs(case, need_dy=case.mode == "fwd+bwd")
-    prep = _module_runner(model, x, dy, case.mode)
+    prep = _module_runner(model, x, dy, case.mode, ws.fwd_grad)
     prep.notes.append(f"adapters {ws.adapter_dtype}")
     return prep
 
@@ -431,7 +442,6 @@ def _torchao_nf4():
 
 
 def build_torchao(ws: Workspace, case: _sweep.Case) -> Prepared:
-    import torch
     import torch.nn.functional as F
     from torch import nn
 
@@ -453,12 +463,7 @@ def build_torchao(ws: Workspace, case: _sweep.Case) -> Prepared:
         return linear_nf4(inp, w_ao) + s * F.linear(F.linear(h, lora_a), lora_b)
 
     if case.mode == "fwd":
-
-        def run_fwd():
-            with torch.no_grad():
-                return [forward(x)]
-
-        return Prepared(run_fwd, [])
+        return _forward_runner(forward, x, ws.fwd_grad)
     xg = x.detach().requires_grad_(True)
 
     def run_fwd_bwd():

@@ -82,20 +82,15 @@ def _tiny_case(mode, dropout=0.0, m=8):
 @check
 def layer_wiring_cpu():
     """Every installed implementation builds and runs on the CPU (tiny shape), outputs pass the sanity check."""
-    import torch
-
     from . import _impls
 
     ws = _impls.Workspace("cpu", adapter_dtype="bf16")
-    probe = _impls.probe()
     ran, missing = [], []
     for mode in _sweep.MODES:
         for p in (0.0, 0.05):
             case = _tiny_case(mode, p)
             ws.enter(case.shape)
-            for impl in _sweep.IMPLS:
-                if impl == "cublas" and not probe["cublas"]["available"]:
-                    pass  # the builder is plain torch.mm and runs on the CPU too
+            for impl in _sweep.IMPLS:  # cublas' builder is plain torch.mm: it runs on the CPU too
                 try:
                     prep = _impls.BUILDERS[impl](ws, case)
                 except _impls.Unavailable as e:
@@ -109,6 +104,17 @@ def layer_wiring_cpu():
                         assert t.grad is not None, (impl, "grad missing")
                         t.grad = None
                 ran.append(f"{impl}/{mode}/p{p}")
+    # --bench-fwd-grad: the forward records autograd (y requires grad) instead of running under no_grad
+    ws_g = _impls.Workspace("cpu", fwd_grad=True)
+    case = _tiny_case("fwd")
+    ws_g.enter(case.shape)
+    for impl in ("ours", "bnb_peft", "bf16_peft", "torchao"):
+        try:
+            y = _impls.BUILDERS[impl](ws_g, case).run()[0]
+        except _impls.Unavailable:
+            continue
+        assert y.requires_grad, impl
+    ws_g.release()
     # same weights and inputs: at p=0 bf16+PEFT and cuBLAS agree on y up to the LoRA term (B random, s=2)
     case = _tiny_case("fwd")
     ws.enter(case.shape)
@@ -130,8 +136,6 @@ def layer_wiring_cpu():
 @check
 def e2e_wiring_cpu():
     """The e2e builders and a training step, on the CPU with a tiny Llama config."""
-    import torch
-
     from . import _e2e, _impls
 
     tiny = _sweep.E2ESweep(batches=(2,), seq=16, layers=2, vocab=128, hidden=64, intermediate=128, heads=4, kv_heads=2,
@@ -388,13 +392,14 @@ def harness_dry_run_cpu():
     from . import _impls
 
     saved = install_fake_cuda()
+    tmp = tempfile.TemporaryDirectory()  # checkpoints and outputs go here, never into bench/results/
     try:
         tiny_e2e = _sweep.E2ESweep(batches=(2,), seq=16, layers=1, vocab=128, hidden=64, intermediate=128, heads=4,
                                    kv_heads=2, warmup_steps=1, timed_steps=2)
         cases = [_tiny_case(mode, p) for mode in _sweep.MODES for p in (0.0, 0.05)]
         opts = _harness.BenchOptions(sweep=_sweep.QUICK, cases=cases, impls=_sweep.IMPLS, e2e=tiny_e2e,
-                                     e2e_impls=_sweep.E2E_IMPLS, warmup_ms=1, rep_ms=2, min_samples=3,
-                                     measure_ceilings=False)
+                                     e2e_impls=_sweep.E2E_IMPLS, out_dir=Path(tmp.name), warmup_ms=1, rep_ms=2,
+                                     min_samples=3, measure_ceilings=False)
         s = _harness.BenchSession(opts)
         s.start()
         rows = [s.run_layer(c, i) for c in cases for i in _sweep.IMPLS]
@@ -421,14 +426,14 @@ def harness_dry_run_cpu():
         torch.cuda.synchronize = lambda *a, **k: None
         after = s.run_layer(cases[2], "ours")
         assert after["status"] == "skipped" and "unusable" in after["reason"]
-        with tempfile.TemporaryDirectory() as d:
-            s.opts = dataclasses.replace(s.opts, out_dir=Path(d))
-            written = s.write(complete=True)
-            md = Path(written["md"]).read_text()
-            assert "boom" in md and "## End-to-end training step" in md, md[:500]
+        written = s.write(complete=True)
+        md = Path(written["md"]).read_text()
+        assert "boom" in md and "## End-to-end training step" in md, md[:500]
+        assert json.loads(Path(written["json"]).read_text())["sweep"]["complete"]
         return f"{len(ok)} ok layer rows, e2e {[r['impl'] for r in e2e_rows]}, error + broken-context paths"
     finally:
         restore_fake_cuda(saved)
+        tmp.cleanup()
 
 
 @check
@@ -448,7 +453,7 @@ def pytest_flow_dry_run_cpu():
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
         text = proc.stdout + proc.stderr
         assert proc.returncode == 0, text[-4000:]
-        for needle in ("qlora_ext bench: sweep quick" if False else "qlora_ext bench: sweep default (selection)",
+        for needle in ("qlora_ext bench: sweep default (selection)",
                        "128x256-m8-r16-p0-fwd+bwd-ours", "json:", "Mean", "median ms (CUDA events"):
             assert needle in text, (needle, text[-3000:])
         files = sorted(p.name for p in out.iterdir())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 # Ceilings measured on the project's H200 (ARCHITECTURE.md §4, ../shared/anchors): an 8192^3 bf16 cuBLAS GEMM
 # and a large device-to-device copy counting bytes read + written. The suite re-measures both each session and

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 _NOW = [0.0]  # seconds of replayed GPU time; only ever advanced
 DEVICE = "cuda"  # where the suite allocates; the self-test's dry run points it at the CPU with torch.cuda faked
@@ -202,19 +202,23 @@ def measure_ceilings(warmup_ms: float = 25.0, rep_ms: float = 100.0) -> dict:
     import torch
 
     n = 8192
-    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    t_mm = time_cuda(lambda: torch.mm(a, b), warmup_ms=warmup_ms, rep_ms=rep_ms, min_samples=10).median
-    del a, b
-    src = torch.randn(2**29, device=DEVICE, dtype=torch.bfloat16)  # 1 GiB
-    dst = torch.empty_like(src)
-    t_cp = time_cuda(lambda: dst.copy_(src), warmup_ms=warmup_ms, rep_ms=rep_ms, min_samples=10).median
-    nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
+    copy_numel = 2**29  # bf16: 1 GiB
+
+    def gemm_ms() -> float:
+        a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+        return time_cuda(lambda: torch.mm(a, b), warmup_ms=warmup_ms, rep_ms=rep_ms, min_samples=10).median
+
+    def copy_ms() -> float:
+        src = torch.randn(copy_numel, device=DEVICE, dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+        return time_cuda(lambda: dst.copy_(src), warmup_ms=warmup_ms, rep_ms=rep_ms, min_samples=10).median
+
+    t_mm, t_cp = gemm_ms(), copy_ms()  # each helper's tensors are freed when it returns
     torch.cuda.empty_cache()
     return {
         "bf16_gemm_8192_tflops": 2 * n**3 / (t_mm * 1e-3) / 1e12,
-        "copy_tb_per_s": nbytes / (t_cp * 1e-3) / 1e12,
+        "copy_tb_per_s": 2 * 2 * copy_numel / (t_cp * 1e-3) / 1e12,
         "gemm_ms": t_mm,
         "copy_ms": t_cp,
     }

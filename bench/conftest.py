@@ -52,6 +52,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-min-samples", type=int, metavar="N", help="at least N timed calls per cell (default 10)")
     g.addoption("--bench-peft-adapter-dtype", choices=("bf16", "fp32"), default="bf16",
                 help="PEFT lora_A/lora_B dtype: bf16 (as qlora_ext and the anchors) or fp32 (PEFT's autocast default)")
+    g.addoption("--bench-fwd-grad", action="store_true",
+                help="time mode fwd with autograd recording (training forward) instead of under torch.no_grad()")
     g.addoption("--bench-no-ceilings", action="store_true", help="skip measuring the GEMM / copy ceilings at start")
 
 
@@ -109,6 +111,8 @@ def _options(config) -> _harness.BenchOptions:
     selection = {k: opt(k) for k in _SELECTION if opt(k) not in (None, False)}
     if opt("bench_peft_adapter_dtype") != "bf16":
         selection["bench_peft_adapter_dtype"] = opt("bench_peft_adapter_dtype")
+    if opt("bench_fwd_grad"):
+        selection["bench_fwd_grad"] = True
     bench_dir = Path(__file__).resolve().parent
     narrowed = any(Path(a.split("::")[0]).resolve() != bench_dir for a in config.args)
     filtered = bool(config.option.keyword or config.option.markexpr)
@@ -123,6 +127,7 @@ def _options(config) -> _harness.BenchOptions:
         tag=opt("bench_tag"),
         partial=bool(selection) or narrowed or filtered,
         adapter_dtype=opt("bench_peft_adapter_dtype"),
+        fwd_grad=opt("bench_fwd_grad"),
         warmup_ms=opt("bench_warmup_ms") or sweep.warmup_ms,
         rep_ms=opt("bench_rep_ms") or sweep.rep_ms,
         min_samples=opt("bench_min_samples") or sweep.min_samples,
@@ -202,7 +207,7 @@ def pytest_report_header(config):
         f"qlora_ext bench: sweep {o.sweep.name}{' (selection)' if o.selection else ''}: {len(o.cases)} layer cases x "
         f"{len(o.impls)} implementations + {len(st.e2e_cells)} e2e cells; estimated {est['total_s'] / 60:.1f} min on an H200 "
         f"(layers {est['layers_s']:.0f} s, setup {est['setup_s']:.0f} s, e2e {est['e2e_s']:.0f} s)",
-        f"qlora_ext bench: pytest-benchmark figures are GPU time (CUDA events, L2 flushed), see bench/README.md",
+        "qlora_ext bench: pytest-benchmark figures are GPU time (CUDA events, L2 flushed), see bench/README.md",
     ]
 
 

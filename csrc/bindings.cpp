@@ -39,4 +39,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "qlora_bwd_ab_cuda(dy, x, u, g, scaling, dropout_p, seed) -> (dA [r, k], dB [n, r]),\n"
         "dA = g^T @ dropout(x), dB = scaling * dy^T @ u, one kernel launch.\n"
         "Twin: the dA/dB outputs of qlora_ext.reference.qlora_linear_backward.");
+  m.def("lora_dropout_cuda", &lora_dropout_cuda, py::arg("t"), py::arg("dropout_p"), py::arg("seed"),
+        "lora_dropout_cuda(t, dropout_p, seed) -> t * mask / (1 - p) with the fused kernels' counter mask\n"
+        "(idx = row * k + col). Twin: qlora_ext.reference.dropout.");
 }

@@ -52,3 +52,8 @@ std::tuple<at::Tensor, at::Tensor> qlora_bwd_dx_cuda(const at::Tensor& dy, const
 std::tuple<at::Tensor, at::Tensor> qlora_bwd_ab_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                      const at::Tensor& u, const at::Tensor& g, double scaling,
                                                      double dropout_p, int64_t seed);
+
+// csrc/lora_dropout.cu ---------------------------------------------------------------------------------------
+// -> dropout(t) [m, k] (t bf16/fp16, contiguous, 0 < p < 1): the fused kernels' mask at idx = row*k + col,
+// scaled by fp32(1/(1-p)). Used by the decode + cuBLAS path. Twin: reference.dropout.
+at::Tensor lora_dropout_cuda(const at::Tensor& t, double dropout_p, int64_t seed);

@@ -360,9 +360,13 @@ void launch_bwd_ab_impl(BwdABParams& p, int num_sms, cudaStream_t stream,
   auto kernel = qlora_bwd_ab_kernel<T, kR>;
   constexpr int kThreads = Cfg<kR>::kThreads;
   constexpr int smem = smem_bytes<kR>();
-  if (smem > 48 * 1024) {
+  // Always raise the dynamic limit (once per instantiation): the kernel's static `is_last_s` counts against the
+  // same 48 KB default, so kR = 64's exactly-48 KB dynamic buffer already fails to launch without the opt-in.
+  static const bool smem_limit_set = [&] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  }
+    return true;
+  }();
+  (void)smem_limit_set;
   int ctas_per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, smem));
   const int64_t slots = int64_t(std::max(ctas_per_sm, 1)) * num_sms;

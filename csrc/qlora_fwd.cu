@@ -15,12 +15,18 @@
 // with one more MMA pass against the CTA's lora_B rows; the CTAs of n-tile 0 also write u.
 // u is recomputed by every n-tile column (r/128 extra MMA work); the sm90 path is the place to avoid that.
 //
-// Config whitelist: one tile shape (128x128x64, 8 warps) x rank buckets kRPad in {16, 32, 64, 128}; ring depth
-// 4 stages when shared memory allows (H100/H200: all ranks; A100: r <= 64, 3 for r > 64; 99 KB parts
-// (sm86/89): 2 stages for r <= 64, r > 64 does not fit and errors). The decoded-W tile lags the ring by one
-// stage, so the effective prefetch distance is stages - 2 k-tiles for the packed W.
-// ptxas (nvcc 13.0, -O3), registers / spill / stack, bf16 (fp16 identical):
-//   (filled in below after compile; see REGISTERS note at the launcher)
+// Config whitelist: one tile shape (128x128x64, 8 warps) x rank buckets kRPad in {16, 32, 64, 128}; the ring
+// depth (2..4) and decoded-W buffering are picked at launch from the device's shared memory (table below).
+// The decode of k-tile kt+1 happens at the end of iteration kt, so the packed W is prefetched stages-2 k-tiles
+// beyond that point, x and lora_A stages-1. Not yet tuned on hardware: 128x128 / 8 warps is the usual mma.sync
+// sweet spot (Marlin, FlashAttention-2), and 4 stages is what fits at r = 128 on Hopper.
+// Shared memory per CTA (bytes, 2 decoded-W buffers unless noted):
+//   kRPad           16        32        64        128
+//   4 stages     136320    145536    163968    200832     H100/H200 (227 KB opt-in): all; A100 (163 KB): r <= 64
+//   3 stages          -         -         -    159872     A100, r > 64
+//   2 stages      86656     91264    100480         -     sm86/89 (99 KB); r > 64 there: 1 buffer, 100480
+// ptxas (nvcc 13.0, -O3, bf16 = fp16), registers per thread, 0 spill / 0 stack everywhere; 1 CTA/SM by smem:
+//   sm_80:  168 / 167 / 214 / 233        sm_90a: 167 / 167 / 210 / 228          (kRPad 16 / 32 / 64 / 128)
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -231,7 +237,6 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_fwd_kernel(const __grid_con
 }
 
 // The only launch site of qlora_fwd_kernel: rank bucket, dtype, ring depth, smem attribute, launch.
-// REGISTERS: see the ptxas table at the top of this file.
 void launch_qlora_fwd(QloraFwdParams p, at::ScalarType dtype, cudaStream_t stream) {
   const int64_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   const dim3 grid(static_cast<unsigned>(qlora_checks::ceil_div(p.n, kBlockN)),

@@ -6,7 +6,15 @@ no kernel applies, run the spec itself); the CUDA implementation calls the compi
 when the inputs are on their fast path. ``QLORA_EXT_FORCE_REFERENCE=1`` routes everything to the reference.
 
 Argument order and names follow ARCHITECTURE.md §1/§3 and are the same in the reference and the C++ wrappers:
-the NF4 weight travels as six tensors (w_nf4, absmax, code, nested_absmax, nested_code, offset), see
+On the CUDA side each GEMM op has two implementations (``QLORA_EXT_PATH`` picks one; default ``auto``):
+``fused`` — the portable mma.sync kernels that decode NF4 inside the GEMM mainloop (forward in one launch,
+backward in two); ``decode_gemm`` — NF4 decoded one L2-sized slab of rows at a time into a reusable buffer and
+multiplied by cuBLAS (never a weight-sized temporary), with the LoRA terms as skinny cuBLAS GEMMs and the
+dropout mask from the same counter hash. ``auto`` takes decode_gemm on Hopper, where the mma.sync kernels reach
+only a quarter of the tensor-core rate that cuBLAS's wgmma kernels do (bench/NOTES.md has the measurements),
+and the fused kernels elsewhere.
+
+The NF4 weight travels as six tensors (w_nf4, absmax, code, nested_absmax, nested_code, offset), see
 ``NF4Weight.op_args()``. ``seed`` is a 0-d int64 CPU tensor so that drawing a fresh dropout seed per step stays
 inside a compiled graph instead of becoming a Python constant (which would recompile every step).
 """
@@ -77,6 +85,72 @@ def _gemm_fast_path(x: Tensor, lora_A: Tensor, blocksize: int) -> bool:
         _warn_once(f"gemm:{reason}", f"qlora_ext: {reason}; this layer runs the PyTorch reference on CUDA.")
         return False
     return True
+
+
+_PATHS = ("auto", "fused", "decode_gemm")
+# Rows of w decoded per cuBLAS call: ~4M elements (8 MiB in bf16) stays resident in the 50-60 MB L2 of an
+# A100/H100/H200 between the decode and the GEMM that reads it. A multiple of 256 rows keeps each slab's first
+# NF4 block at a nested-absmax group boundary (256 rows · k/64 blocks per row, k % 64 == 0), so slabs of the
+# storage tensors are valid NF4 storage on their own.
+_SLAB_ELEMS = 4 * 2**20
+_SLAB_ROW_MULTIPLE = 256
+
+
+def _use_decode_gemm(x: Tensor) -> bool:
+    path = os.environ.get("QLORA_EXT_PATH", "auto")
+    if path not in _PATHS:
+        raise ValueError(f"QLORA_EXT_PATH must be one of {_PATHS}, got {path!r}")
+    if path != "auto":
+        return path == "decode_gemm"
+    return torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def _decoded_slabs(w_nf4, absmax, code, nested_absmax, nested_code, offset, n, k, dtype):
+    """Yield (n0, n1, w[n0:n1] decoded to dtype) slab by slab; only one slab is alive at a time."""
+    rows = max(_SLAB_ROW_MULTIPLE, _SLAB_ELEMS // k // _SLAB_ROW_MULTIPLE * _SLAB_ROW_MULTIPLE)
+    blocks_per_row = k // _KERNEL_BLOCKSIZE
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        b0, b1 = n0 * blocks_per_row, n1 * blocks_per_row
+        nested = None
+        if nested_absmax is not None:
+            nested = nested_absmax[b0 // _NESTED_BLOCKSIZE: -(-b1 // _NESTED_BLOCKSIZE)]
+        yield n0, n1, _C.dequantize_nf4_cuda(w_nf4[n0 * k // 2: n1 * k // 2], absmax[b0:b1], code, nested,
+                                             nested_code, offset, n1 - n0, k, _KERNEL_BLOCKSIZE, dtype)
+
+
+def _decode_gemm_forward(x, w_nf4, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, bias,
+                         scaling, dropout_p, seed):
+    m, k = x.shape
+    n = lora_B.shape[0]
+    x_drop = _C.lora_dropout_cuda(x, dropout_p, seed) if dropout_p > 0 else x
+    u = x_drop @ lora_A.t()
+    # y starts as s·u·lora_Bᵀ + bias (beta=0 ignores the uninitialized input), then each slab adds x·w_slabᵀ.
+    y = torch.addmm(bias if bias is not None else x.new_empty(m, n), u, lora_B.t(),
+                    beta=1 if bias is not None else 0, alpha=scaling)
+    if m > 0:
+        for n0, n1, w_slab in _decoded_slabs(w_nf4, absmax, code, nested_absmax, nested_code, offset, n, k,
+                                             x.dtype):
+            y[:, n0:n1].addmm_(x, w_slab.t())
+            del w_slab  # free the slab before the next one is decoded: one slab alive at a time
+    return y, u
+
+
+def _decode_gemm_backward(dy, x, u, w_nf4, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B,
+                          scaling, dropout_p, seed):
+    m, k = x.shape
+    n = lora_B.shape[0]
+    g = torch.addmm(dy.new_empty(m, lora_B.shape[1]), dy, lora_B, beta=0, alpha=scaling)
+    dx = g @ lora_A
+    if dropout_p > 0:
+        dx = _C.lora_dropout_cuda(dx, dropout_p, seed)
+    if m > 0:
+        for n0, n1, w_slab in _decoded_slabs(w_nf4, absmax, code, nested_absmax, nested_code, offset, n, k,
+                                             x.dtype):
+            dx.addmm_(dy[:, n0:n1], w_slab)
+            del w_slab
+    dA, dB = _C.qlora_bwd_ab_cuda(dy, x, u, g, scaling, dropout_p, seed)
+    return dx, dA, dB
 
 
 def _seed_int(seed: Tensor) -> int:
@@ -164,6 +238,9 @@ def qlora_linear(x: Tensor, w_nf4: Tensor, absmax: Tensor, code: Tensor, nested_
 def _(x, w_nf4, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, bias, scaling, dropout_p, seed,
       blocksize):
     if _kernels_enabled() and _gemm_fast_path(x, lora_A, blocksize):
+        if _use_decode_gemm(x):
+            return _decode_gemm_forward(x.contiguous(), w_nf4, absmax, code, nested_absmax, nested_code, offset,
+                                        lora_A, lora_B, bias, scaling, dropout_p, _seed_int(seed))
         return _C.qlora_fwd_cuda(x.contiguous(), w_nf4, absmax, code, nested_absmax, nested_code, offset,
                                  lora_A.contiguous(), lora_B.contiguous(), bias, scaling, dropout_p,
                                  _seed_int(seed), blocksize)
@@ -195,6 +272,9 @@ def _(dy, x, u, w_nf4, absmax, code, nested_absmax, nested_code, offset, lora_A,
     if _kernels_enabled() and _gemm_fast_path(x, lora_A, blocksize):
         # Two launches (ARCHITECTURE §4): dx and g = s·dy·lora_B from one kernel, then dA and dB from one kernel.
         dy, x, u = dy.contiguous(), x.contiguous(), u.contiguous()
+        if _use_decode_gemm(x):
+            return _decode_gemm_backward(dy, x, u, w_nf4, absmax, code, nested_absmax, nested_code, offset,
+                                         lora_A, lora_B, scaling, dropout_p, _seed_int(seed))
         dx, g = _C.qlora_bwd_dx_cuda(dy, w_nf4, absmax, code, nested_absmax, nested_code, offset,
                                      lora_A.contiguous(), lora_B.contiguous(), scaling, dropout_p, _seed_int(seed),
                                      blocksize)

@@ -159,6 +159,19 @@ def _quantize_device(linear: nn.Linear, device: Optional[Union[str, torch.device
     return linear.weight.device
 
 
+def _staged(linear: nn.Linear, device: torch.device) -> nn.Linear:
+    """A stand-in for `linear` with copies of its parameters on `device`; `linear` itself is not moved. Moving it
+    would move its Parameters in place, and a Parameter can be shared (an output head tied to the embeddings):
+    the module that shares it would silently change device."""
+    if linear.weight.device == device:
+        return linear
+    staged = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    staged.weight = nn.Parameter(linear.weight.detach().to(device), requires_grad=False)
+    if linear.bias is not None:
+        staged.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
+    return staged
+
+
 def _to_qlora(name: str, module: nn.Module, spec: LoraSpec, freeze_A: bool,
               device: Optional[Union[str, torch.device]]) -> QLoRALinear:
     options = dict(r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
@@ -174,8 +187,11 @@ def _to_qlora(name: str, module: nn.Module, spec: LoraSpec, freeze_A: bool,
                              f"only (BitsAndBytesConfig(bnb_4bit_quant_type='nf4'))")
         return QLoRALinear.from_bnb(module, **options)  # the checkpoint's bytes as they are, no requantization
     if type(module) is nn.Linear:
-        # One layer at a time on the GPU: the full-precision model never has to fit there, only its NF4 form.
-        return QLoRALinear.from_linear(module.to(_quantize_device(module, device)), **options)
+        # One layer at a time on the GPU: only one full-precision layer is ever there at once.
+        layer = QLoRALinear.from_linear(_staged(module, _quantize_device(module, device)), **options)
+        # Without an explicit device the layer goes back where it came from, so that apply() never leaves a
+        # model split across devices (a forward would fail, and model.device would name only one of them).
+        return layer if device is not None else layer.to(module.weight.device)
     raise TypeError(f"{name} is a {type(module).__name__}; qlora_ext replaces nn.Linear and bitsandbytes NF4 "
                     f"Linear4bit layers only")
 
@@ -211,9 +227,10 @@ def apply(model: nn.Module, config: Any = None, *, freeze_A: bool = False,
         (entries match a module name or its dotted suffix), a regex (matched against the whole name), or
         "all-linear" (every linear layer except the output head); None uses PEFT's default for the model type.
     freeze_A: LoRA-FA, lora_A stays at its initialization and only lora_B trains.
-    device: where nn.Linear layers are quantized and their QLoRALinear lives. Default: the current CUDA device
-        when one is available and the layer is on the CPU (layer by layer, so the full-precision model never has
-        to fit on the GPU; move the rest with model.to() afterwards), else the layer's own device.
+    device: where nn.Linear layers are quantized and their QLoRALinear lives. Default: each QLoRALinear stays
+        on its layer's device, so the model is left on the device(s) it was on (move it with model.to()
+        afterwards); a layer on the CPU is quantized on the current CUDA device when one is available (much
+        faster, and layer by layer, so the full-precision model never has to fit on the GPU) and moved back.
         bitsandbytes Linear4bit layers are taken as they are (same bytes, same device).
     progress: show a tqdm bar; default: when more than a few dozen layers are converted.
 

@@ -17,6 +17,7 @@ STAGES=${STAGES:-build test sanitize bench}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the in-place build: scripts import the tree
 [ -f .devdeps/activate.sh ] && source .devdeps/activate.sh
 PY=${PYTHON:-python3}
 summary=$LOGS/summary.txt

@@ -26,6 +26,13 @@ def _kernels_required(monkeypatch):
     monkeypatch.delenv("QLORA_EXT_FORCE_REFERENCE", raising=False)
 
 
+@pytest.fixture(params=["fused", "decode_gemm"])
+def kernel_path(request, monkeypatch):
+    """Both CUDA implementations of the GEMM ops (qlora_ext/ops.py): fused mma.sync kernels, decode + cuBLAS."""
+    monkeypatch.setenv("QLORA_EXT_PATH", request.param)
+    return request.param
+
+
 def poison_allocator(*shapes_dtypes):
     """Fill freshly freed cached blocks of the coming outputs' sizes with NaN (or 0xFF bytes).
 
@@ -111,7 +118,7 @@ def check_case(c):
 @pytest.mark.parametrize("r", [8, 16, 64, 128])
 @pytest.mark.parametrize("m", [1, 3, 17, 1000, 4096])
 @pytest.mark.parametrize("k,n", [(256, 384), (512, 1001)], ids=["k256-n384", "k512-n1001"])
-def test_fused_matches_reference_grid(k, n, m, r, dtype, bias, dropout_p):
+def test_fused_matches_reference_grid(k, n, m, r, dtype, bias, dropout_p, kernel_path):
     check_case(make_case(m, k, n, r, dtype, bias, dropout_p, gen_seed=hash((k, n, m, r, bias, dropout_p)) % 2**31))
 
 
@@ -119,17 +126,17 @@ def test_fused_matches_reference_grid(k, n, m, r, dtype, bias, dropout_p):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("m,r", [(1, 16), (17, 128), (4096, 16)], ids=["m1-r16", "m17-r128", "m4096-r16"])
 @pytest.mark.parametrize("k,n", [(4096, 14336), (14336, 4096)], ids=["k4096-n14336", "k14336-n4096"])
-def test_fused_matches_reference_llama(k, n, m, r, dtype, dropout_p):
+def test_fused_matches_reference_llama(k, n, m, r, dtype, dropout_p, kernel_path):
     check_case(make_case(m, k, n, r, dtype, True, dropout_p, gen_seed=m * 7 + r))
 
 
 @pytest.mark.parametrize("k,n,r", [(64, 1, 1), (64, 7, 3), (192, 130, 33)], ids=["n1-r1", "n7-r3", "n130-r33"])
-def test_fused_odd_sizes(k, n, r):
+def test_fused_odd_sizes(k, n, r, kernel_path):
     for m in (1, 5, 129):
         check_case(make_case(m, k, n, r, torch.bfloat16, True, 0.1, gen_seed=m + n))
 
 
-def test_empty_batch_on_cuda():
+def test_empty_batch_on_cuda(kernel_path):
     c = make_case(0, 128, 96, 8, torch.bfloat16, True, 0.0, gen_seed=3)
     out = run_op(c)
     assert out["y"].shape == (0, 96) and out["u"].shape == (0, 8) and out["dx"].shape == (0, 128)
@@ -170,7 +177,7 @@ def test_matches_bitsandbytes_cuda():
 
 # ---- registration, training, memory ---------------------------------------------------------------------------
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["nodrop", "drop0.1"])
-def test_opcheck_cuda(dropout_p):
+def test_opcheck_cuda(dropout_p, kernel_path):
     c = make_case(33, 128, 96, 8, torch.bfloat16, True, dropout_p, gen_seed=11)
     args = c["wq"].op_args()
     fwd = (c["x"], *args, c["lora_A"].requires_grad_(), c["lora_B"].requires_grad_(), c["bias"], 2.0, dropout_p,
@@ -208,7 +215,7 @@ def _train(force_reference, steps, seed=0):
         os.environ.pop("QLORA_EXT_FORCE_REFERENCE", None)
 
 
-def test_training_tracks_reference_path():
+def test_training_tracks_reference_path(kernel_path):
     """200 steps with the kernels and with the reference from the same seed (same data, same dropout masks):
     the loss curves agree throughout. bf16 rounding differs between the paths, so they may drift apart slowly;
     2% relative per step is far below the loss change over the run (which the last assert checks)."""
@@ -218,7 +225,7 @@ def test_training_tracks_reference_path():
     assert ours[-1] < 0.9 * ours[0], "training did not reduce the loss"
 
 
-def test_no_weight_sized_temporary():
+def test_no_weight_sized_temporary(kernel_path):
     """fwd+bwd of a 4096→14336 layer at m=2048: peak memory over the live inputs stays below outputs plus a
     quarter of the bf16 weight (bnb + PEFT allocates a whole dequantized weight, +112 MiB, here)."""
     k, n, m, r = 4096, 14336, 2048, 16

@@ -275,8 +275,9 @@ struct NF4TileDecoder {
 
   // Decode the chunk: w = out_dtype(fp32(code[nibble] * scale)), bit-exact with bnb (no FMA: __fmul_rn, and
   // the bf16/fp16 conversion rounds to nearest even). Byte j holds element 2j in its high nibble, so byte j
-  // becomes exactly output word j (element 2j in the low half). The 4 x 16-byte stores are issued in a
-  // rotated order (part >> 1 shifts by 2) so the 8 lanes of a store phase never hit one bank group twice.
+  // becomes exactly output word j (element 2j in the low half). For 128-column tiles (dx) the 4 x 16-byte
+  // stores of parts 2, 3 go in rotated order (q ^ 2), so the 8 lanes of a store phase — two rows x 4 parts —
+  // never hit one bank group twice (chunks c and c + 8 of a row share a bank group).
   template <typename T>
   __device__ __forceinline__ void decode(uint16_t* wdec, const uint8_t* packed_stage, const float* code_s,
                                          float s, int tid) const {
@@ -288,9 +289,9 @@ struct NF4TileDecoder {
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
         const uint32_t byte = (words[wi] >> (8 * b)) & 0xFFu;
-        const float hi = __fmul_rn(code_s[byte >> 4], s);
-        const float lo = __fmul_rn(code_s[byte & 0xFu], s);
-        out[wi * 4 + b] = Elem<T>::pack2(hi, lo);
+        const float even = __fmul_rn(code_s[byte >> 4], s);   // element 2j: high nibble
+        const float odd = __fmul_rn(code_s[byte & 0xFu], s);   // element 2j+1: low nibble
+        out[wi * 4 + b] = Elem<T>::pack2(even, odd);
       }
     uint16_t* dst = wdec + row * kStride + part * 32;
     // Rotation by 2 = q ^ 2; selecting between two compile-time indices keeps out[] in registers.
