@@ -65,7 +65,8 @@ def read_sources():
     problems += [f"present but not listed in {SOURCES_TXT} (it would never be compiled): {s}"
                  for s in unlisted]
     if problems:
-        sys.exit("qlora_ext: source list out of date:\n  " + "\n  ".join(problems))
+        sys.exit("qlora_ext: source list out of date:\n  " + "\n  ".join(problems) + f"\nEdit {SOURCES_TXT} "
+                 "(setup.py and CMakeLists.txt both read it), or keep unfinished files outside csrc/.")
     return listed
 
 
@@ -279,8 +280,8 @@ def cuda_extension():
     ensure_ninja_on_path()
     cutlass = find_cutlass_includes()
 
-    # No -std here on purpose: torch appends the standard its own headers require (torch 2.14's
-    # headers #error below C++20; older releases build with C++17), and nvcc accepts only one -std.
+    # No -std here on purpose: when none is given, torch appends the standard its own headers require
+    # (torch 2.14's headers #error below C++20; older releases build with C++17).
     cxx = ["-O3"]
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     if nvcc_threads > 1:

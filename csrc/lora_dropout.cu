@@ -12,9 +12,11 @@
 
 #include "common/checks.h"
 #include "common/dropout.cuh"
+#include "common/nf4_gemm.cuh"  // Elem<T>: bf16/fp16 <-> fp32 on raw 16-bit patterns (torch builds without half operators)
 #include "launchers.h"
 
 namespace {
+using qlora::Elem;
 
 constexpr int kThreads = 256;
 constexpr int kVec = 8;  // 8 halfs = one 16-byte load/store per thread
@@ -28,28 +30,28 @@ struct LoraDropoutParams {
   float inv_keep;       // fp32(1 / (1 - p))
 };
 
+// out_dtype(fp32(t) * fp32(1/(1-p))): one fp32 multiply, one rounding, as the reference. +0.0 when dropped.
 template <typename T>
-__device__ __forceinline__ T scale_or_zero(T v, bool keep, float inv_keep) {
-  // out_dtype(fp32(t) * fp32(1/(1-p))): one fp32 multiply, one rounding, as the reference.
-  return keep ? T(__fmul_rn(float(v), inv_keep)) : T(0.0f);
+__device__ __forceinline__ uint16_t scale_or_zero(uint16_t v, bool keep, float inv_keep) {
+  return keep ? Elem<T>::from_float(__fmul_rn(Elem<T>::to_float(v), inv_keep)) : uint16_t(0);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) lora_dropout_kernel(const __grid_constant__ LoraDropoutParams p) {
   const int64_t i0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kVec;
   if (i0 >= p.numel) return;
-  const T* t = static_cast<const T*>(p.t);
-  T* out = static_cast<T*>(p.out);
+  const uint16_t* t = static_cast<const uint16_t*>(p.t);  // element bits, converted through Elem<T>
+  uint16_t* out = static_cast<uint16_t*>(p.out);
   if (i0 + kVec <= p.numel) {  // body: 16-byte vectors (the host guarantees 16-byte aligned bases)
     uint4 raw = *reinterpret_cast<const uint4*>(t + i0);
-    T* v = reinterpret_cast<T*>(&raw);
+    uint16_t* v = reinterpret_cast<uint16_t*>(&raw);
 #pragma unroll
     for (int j = 0; j < kVec; ++j)
-      v[j] = scale_or_zero(v[j], dropout_keep(p.dropout_key, p.dropout_thresh, uint64_t(i0 + j)), p.inv_keep);
+      v[j] = scale_or_zero<T>(v[j], dropout_keep(p.dropout_key, p.dropout_thresh, uint64_t(i0 + j)), p.inv_keep);
     *reinterpret_cast<uint4*>(out + i0) = raw;
   } else {  // tail of < 8 elements
     for (int64_t i = i0; i < p.numel; ++i)
-      out[i] = scale_or_zero(t[i], dropout_keep(p.dropout_key, p.dropout_thresh, uint64_t(i)), p.inv_keep);
+      out[i] = scale_or_zero<T>(t[i], dropout_keep(p.dropout_key, p.dropout_thresh, uint64_t(i)), p.inv_keep);
   }
 }
 

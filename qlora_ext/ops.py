@@ -10,9 +10,10 @@ On the CUDA side each GEMM op has two implementations (``QLORA_EXT_PATH`` picks 
 ``fused`` — the portable mma.sync kernels that decode NF4 inside the GEMM mainloop (forward in one launch,
 backward in two); ``decode_gemm`` — NF4 decoded one L2-sized slab of rows at a time into a reusable buffer and
 multiplied by cuBLAS (never a weight-sized temporary), with the LoRA terms as skinny cuBLAS GEMMs and the
-dropout mask from the same counter hash. ``auto`` takes decode_gemm on Hopper, where the mma.sync kernels reach
-only a quarter of the tensor-core rate that cuBLAS's wgmma kernels do (bench/NOTES.md has the measurements),
-and the fused kernels elsewhere.
+dropout mask from the same counter hash. ``auto`` takes decode_gemm on Hopper for m >= 4096, where the mma.sync kernels reach only a quarter of
+the tensor-core rate of cuBLAS's wgmma kernels, and the fused kernels otherwise: below that the slab loop's
+host overhead (~1 ms per layer call, measured on an H200) costs more than the fused kernels lose
+(bench/NOTES.md has the measurements).
 
 The NF4 weight travels as six tensors (w_nf4, absmax, code, nested_absmax, nested_code, offset), see
 ``NF4Weight.op_args()``. ``seed`` is a 0-d int64 CPU tensor so that drawing a fresh dropout seed per step stays
@@ -94,6 +95,9 @@ _PATHS = ("auto", "fused", "decode_gemm")
 # storage tensors are valid NF4 storage on their own.
 _SLAB_ELEMS = 4 * 2**20
 _SLAB_ROW_MULTIPLE = 256
+# H200, 4096→14336 fwd: decode_gemm 1.18 ms vs fused 1.32 ms at m=2048 (fwd+bwd 3.46 vs 3.19), but 1.59 ms vs
+# cuBLAS 1.38 ms at m=8192 where the fused kernel is ~4x cuBLAS: the crossover lies between, at about 4096.
+_DECODE_GEMM_MIN_M = 4096
 
 
 def _use_decode_gemm(x: Tensor) -> bool:
@@ -102,7 +106,7 @@ def _use_decode_gemm(x: Tensor) -> bool:
         raise ValueError(f"QLORA_EXT_PATH must be one of {_PATHS}, got {path!r}")
     if path != "auto":
         return path == "decode_gemm"
-    return torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return x.shape[0] >= _DECODE_GEMM_MIN_M and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
 def _decoded_slabs(w_nf4, absmax, code, nested_absmax, nested_code, offset, n, k, dtype):
@@ -141,16 +145,19 @@ def _decode_gemm_backward(dy, x, u, w_nf4, absmax, code, nested_absmax, nested_c
     m, k = x.shape
     n = lora_B.shape[0]
     g = torch.addmm(dy.new_empty(m, lora_B.shape[1]), dy, lora_B, beta=0, alpha=scaling)
-    dx = g @ lora_A
+    lora_dx = g @ lora_A
     if dropout_p > 0:
-        dx = _C.lora_dropout_cuda(dx, dropout_p, seed)
+        lora_dx = _C.lora_dropout_cuda(lora_dx, dropout_p, seed)
+    # dx sums over n, slab by slab: accumulate in fp32 (cuBLAS's bf16-in/fp32-out GEMM) and round once at the end,
+    # as the fused kernel does; rounding after every slab tripled the error at n = 14336 (14 slabs).
+    dx32 = lora_dx.float()
     if m > 0:
         for n0, n1, w_slab in _decoded_slabs(w_nf4, absmax, code, nested_absmax, nested_code, offset, n, k,
                                              x.dtype):
-            dx.addmm_(dy[:, n0:n1], w_slab)
+            torch.ops.aten.addmm.dtype_out(dx32, dy[:, n0:n1], w_slab, torch.float32, out=dx32)
             del w_slab
     dA, dB = _C.qlora_bwd_ab_cuda(dy, x, u, g, scaling, dropout_p, seed)
-    return dx, dA, dB
+    return dx32.to(x.dtype), dA, dB
 
 
 def _seed_int(seed: Tensor) -> int:

@@ -29,3 +29,12 @@ for path, dtype, double_quant, (m, k, n, r) in itertools.product(
     torch.cuda.synchronize()
     assert all(torch.isfinite(t).all() for t in (y, u, dx, dA, dB)), (path, dtype, double_quant, m, k, n, r)
 print("sanitize_kernels: all kernels ran")
+
+# initcheck control: a plain cuBLAS product read back by a plain copy kernel. If initcheck flags this clone, it
+# does not see cuBLAS's (TMA) stores, and its reports on tensors written by cuBLAS (the decode_gemm path) are
+# false positives; if it stays silent here, they are real.
+a = torch.randn(130, 3, device="cuda", dtype=torch.bfloat16) @ torch.randn(3, 128, device="cuda",
+                                                                           dtype=torch.bfloat16)
+a.clone()
+torch.cuda.synchronize()
+print("sanitize_kernels: cuBLAS control ran")

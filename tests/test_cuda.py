@@ -226,8 +226,10 @@ def test_training_tracks_reference_path(kernel_path):
 
 
 def test_no_weight_sized_temporary(kernel_path):
-    """fwd+bwd of a 4096→14336 layer at m=2048: peak memory over the live inputs stays below outputs plus a
-    quarter of the bf16 weight (bnb + PEFT allocates a whole dequantized weight, +112 MiB, here)."""
+    """fwd+bwd of a 4096→14336 layer at m=2048 never holds a dequantized weight (n·k·2 B = 112 MiB; bnb + PEFT
+    allocates one). Peak memory over the live inputs, minus the outputs, stays under 3/4 of it: what legitimately
+    remains is activation-sized (the decode path's fp32 dx accumulator m·k·4 B = 32 MiB and one 8 MiB decode
+    slab; dA/dB's split-m fp32 partials), and a whole weight on top of that would cross the bound."""
     k, n, m, r = 4096, 14336, 2048, 16
     layer = qlora_ext.QLoRALinear.from_linear(torch.nn.Linear(k, n, bias=False, device="cuda",
                                                               dtype=torch.bfloat16), r=r)
@@ -239,9 +241,11 @@ def test_no_weight_sized_temporary(kernel_path):
     layer(x).backward(dy)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
-    outputs = (m * n + m * r + m * k + m * r) * 2 + (r * k + n * r) * 2 * 2  # y, u, dx, g, dA/dB (+fp32 partials)
+    outputs = (m * n + m * r + m * k + m * r) * 2 + (r * k + n * r) * 2  # y, u, dx, g, dA, dB
     weight_bf16 = n * k * 2
-    assert extra < outputs + weight_bf16 // 4, f"peak extra {extra / 2**20:.1f} MiB (outputs {outputs / 2**20:.1f})"
+    print(f"{kernel_path}: peak extra {extra / 2**20:.1f} MiB, outputs {outputs / 2**20:.1f} MiB")
+    assert extra - outputs < weight_bf16 * 3 // 4, \
+        f"peak extra {extra / 2**20:.1f} MiB beyond outputs {outputs / 2**20:.1f} MiB"
 
 
 def test_module_3d_and_poisoned_outputs_match_reference():

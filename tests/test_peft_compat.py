@@ -70,12 +70,13 @@ def dequantized(bnb_model):
 
 
 def randomize_trainables(model, seed):
-    """Fresh adapters start at B = 0 and unchanged biases, which would make every comparison trivially pass."""
+    """Fresh adapters start at B = 0 and unchanged biases, which would make every comparison trivially pass.
+    Drawn on the CPU, so that the values are the same wherever the parameters live."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+                param.add_(0.05 * torch.randn(param.shape, generator=generator).to(param.device))
 
 
 def token_ids(batch=2, seq=7):
@@ -151,13 +152,31 @@ def test_progress_bar_on_request(capsys):
 
 
 @requires_cuda
-def test_linear_layers_are_quantized_on_the_gpu():
+def test_linear_layers_are_quantized_on_the_gpu_and_stay_on_the_models_device(monkeypatch):
+    quantized_on = []
+    from_linear = QLoRALinear.from_linear.__func__
+
+    def spy(cls, linear, **options):
+        quantized_on.append(linear.weight.device.type)
+        return from_linear(cls, linear, **options)
+
+    monkeypatch.setattr(QLoRALinear, "from_linear", classmethod(spy))
     model = apply(tiny_llama(), target_modules="all-linear", r=4)
-    devices = {name: module.lora_A.device.type for name, module in model.named_modules()
-               if isinstance(module, QLoRALinear)}
-    # Only the quantized layers moved: the rest follows when the user moves the model.
-    assert set(devices.values()) == {"cuda"} and model.lm_head.weight.device.type == "cpu"
+    assert quantized_on == ["cuda"] * len(adapted_names())
+    # Back on the CPU with the rest of the model: it runs where it is, and model.to() moves all of it.
+    layers = [module for module in model.modules() if isinstance(module, QLoRALinear)]
+    nf4_devices = {t.device.type for layer in layers for t in layer.weight_nf4.op_args() if t is not None}
+    assert nf4_devices == {"cpu"} and {p.device.type for p in model.parameters()} == {"cpu"}
+    assert torch.isfinite(logits(model, token_ids())).all()
     assert torch.isfinite(logits(model.cuda(), token_ids().cuda())).all()
+    # A weight shared with a layer that is not adapted stays where that layer uses it.
+    tied = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    tied[1].weight = tied[0].weight
+    apply(tied, target_modules=["0"], r=4)
+    assert tied[1].weight.device.type == "cpu"
+    # An explicit device is where the adapted layers live.
+    model = apply(tiny_llama(), target_modules=["q_proj"], r=4, device="cuda")
+    assert model.model.layers[0].self_attn.q_proj.lora_A.device.type == "cuda"
 
 
 def test_bnb_base_is_taken_without_requantization():
@@ -245,7 +264,9 @@ def test_peft_adapter_saved_with_init_false_loads(tmp_path):
     theirs.save_pretrained(tmp_path)
     ours = load_adapter(tiny_llama(), tmp_path)
     layer, their_layer = ours.model.layers[0].self_attn.q_proj, theirs.base_model.model.model.layers[0].self_attn.q_proj
-    assert torch.equal(layer.lora_B, their_layer.lora_B["default"].weight)
+    # Compared on the CPU: this is about the values in the file, wherever the loaded layer lives.
+    for ab in ("lora_A", "lora_B"):
+        assert torch.equal(getattr(layer, ab).detach().cpu(), getattr(their_layer, ab)["default"].weight.detach().cpu())
     assert ours.qlora_ext_config.init_lora_weights is True
 
 
