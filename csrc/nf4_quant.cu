@@ -42,22 +42,6 @@ constexpr double kNF4CodeF64[16] = {
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0};
 
-// Exact IEEE fp32 ops (round-to-nearest-even, subnormals kept) independent of -ftz / fast-math flags.
-__device__ __forceinline__ float rcp_rn(float a) {
-  float d;
-  asm("rcp.rn.f32 %0, %1;" : "=f"(d) : "f"(a));
-  return d;
-}
-__device__ __forceinline__ float div_rn(float a, float b) {
-  float d;
-  asm("div.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
-  return d;
-}
-__device__ __forceinline__ float sub_rn(float a, float b) {
-  float d;
-  asm("sub.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
-  return d;
-}
 
 template <typename T> __device__ __forceinline__ float to_f32(T v);
 template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
@@ -154,11 +138,11 @@ __global__ void __launch_bounds__(kThreads) nf4_quantize_kernel(const __grid_con
   if ((threadIdx.x & (kQuantThreadsPerBlock - 1)) == 0) p.absmax[block] = partial ? denom : amax;
 
   // Rule 2: full blocks multiply by the correctly rounded reciprocal; the partial last block divides.
-  const float recip = rcp_rn(denom);
+  const float recip = nf4_rcp_rn(denom);
   uint32_t word = 0;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const float v = partial ? div_rn(x[i], denom) : nf4_mul_rn(x[i], recip);
+    const float v = partial ? nf4_div_rn(x[i], denom) : nf4_mul_rn(x[i], recip);
     word |= nf4_nibble(v, t_s, t7) << ((i & 1) ? 8 * (i >> 1) : 8 * (i >> 1) + 4);  // rule 5: even -> high
   }
 
@@ -203,7 +187,7 @@ __global__ void __launch_bounds__(nf4::kNestedBlockSize)
   const int64_t group = blockIdx.x;
   const int64_t b = group * nf4::kNestedBlockSize + threadIdx.x;
   const bool valid = b < p.nblocks;
-  const float a = valid ? sub_rn(p.absmax[b], __ldg(p.offset)) : 0.0f;
+  const float a = valid ? nf4_sub_rn(p.absmax[b], __ldg(p.offset)) : 0.0f;
 
   float amax = fabsf(a);
 #pragma unroll
@@ -216,7 +200,7 @@ __global__ void __launch_bounds__(nf4::kNestedBlockSize)
 
   if (threadIdx.x == 0) p.nested_absmax[group] = amax;
   if (valid) {
-    const float v = nf4_mul_rn(a, rcp_rn(amax));
+    const float v = nf4_mul_rn(a, nf4_rcp_rn(amax));
     p.absmax_q8[b] = uint8_t(dynamic_code(v, map_s));
   }
 }

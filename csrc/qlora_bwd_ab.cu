@@ -31,6 +31,7 @@
 #include "common/checks.h"
 #include "common/dropout.cuh"
 #include "common/mma_sm80.cuh"
+#include "common/nf4_gemm.cuh"  // Elem<T>: bf16/fp16 pair packing shared with the GEMM kernels
 #include "launchers.h"
 
 namespace {
@@ -130,35 +131,15 @@ __device__ __forceinline__ void load_tile(uint8_t* smem, const T* __restrict__ s
   }
 }
 
-template <typename T> struct Pack2;
-template <> struct Pack2<__nv_bfloat16> {
-  static __device__ __forceinline__ float2 unpack(uint32_t v) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-};
-template <> struct Pack2<__half> {
-  static __device__ __forceinline__ float2 unpack(uint32_t v) {
-    return __half22float2(*reinterpret_cast<const __half2*>(&v));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-};
-
 // Dropout on a B-fragment register of x: it packs x[i][j] (low) and x[i+1][j] (high) — two *rows*, because m is
 // the mma k dimension here — so their counters are idx and idx + k. keep ? out(fp32(x) * fp32(1/(1-p))) : 0,
 // the contract's rounding (same as reference.dropout), then the product runs on the rounded value.
 template <typename T>
 __device__ __forceinline__ uint32_t dropout_rows(uint32_t v, uint64_t idx, uint64_t k, const BwdABParams& p) {
-  const float2 f = Pack2<T>::unpack(v);
+  const float2 f = Elem<T>::unpack2(v);
   const float lo = dropout_keep(p.dropout_key, p.dropout_thresh, idx) ? __fmul_rn(f.x, p.inv_keep) : 0.0f;
   const float hi = dropout_keep(p.dropout_key, p.dropout_thresh, idx + k) ? __fmul_rn(f.y, p.inv_keep) : 0.0f;
-  return Pack2<T>::pack(lo, hi);
+  return Elem<T>::pack2(lo, hi);
 }
 
 template <typename T, int kR>
@@ -306,9 +287,9 @@ __global__ void __launch_bounds__(Cfg<kR>::kThreads, Cfg<kR>::kMinBlocks)
       const int c = warp_c * kRW + mt * 16 + gid;
       const int j = warp_j * kWarpJ + nt * 8 + 2 * tig;
       *reinterpret_cast<uint32_t*>(out_s + c * kPitch + j) =
-          Pack2<T>::pack(__fmul_rn(acc[mt][nt][0], mul), __fmul_rn(acc[mt][nt][1], mul));
+          Elem<T>::pack2(__fmul_rn(acc[mt][nt][0], mul), __fmul_rn(acc[mt][nt][1], mul));
       *reinterpret_cast<uint32_t*>(out_s + (c + 8) * kPitch + j) =
-          Pack2<T>::pack(__fmul_rn(acc[mt][nt][2], mul), __fmul_rn(acc[mt][nt][3], mul));
+          Elem<T>::pack2(__fmul_rn(acc[mt][nt][2], mul), __fmul_rn(acc[mt][nt][3], mul));
     }
   __syncthreads();
 
@@ -331,7 +312,6 @@ __global__ void __launch_bounds__(Cfg<kR>::kThreads, Cfg<kR>::kMinBlocks)
   }
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 // Split count: minimise (wave-quantisation loss) + (fp32 workspace traffic), both relative to streaming Big.
 // Wave loss: ceil(tiles·s / slots) waves of (steps / s) each vs the ideal tiles·steps / slots. Workspace:

@@ -44,6 +44,22 @@ __device__ __forceinline__ float nf4_add_rn(float a, float b) {
   asm("add.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
   return d;
 }
+// The quantizer's other exact fp32 ops (PTX sub.rn / rcp.rn / div.rn: IEEE results whatever the flags).
+__device__ __forceinline__ float nf4_sub_rn(float a, float b) {
+  float d;
+  asm("sub.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+__device__ __forceinline__ float nf4_rcp_rn(float a) {
+  float d;
+  asm("rcp.rn.f32 %0, %1;" : "=f"(d) : "f"(a));
+  return d;
+}
+__device__ __forceinline__ float nf4_div_rn(float a, float b) {
+  float d;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
 
 // Scale of block `block` (flattened block index) in bnb's exact rounding order:
 //   scale = fp32(fp32(nested_code[q8[b]] * nested_absmax[b >> 8]) + offset)       (double quant)
