@@ -42,4 +42,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_dropout_cuda", &lora_dropout_cuda, py::arg("t"), py::arg("dropout_p"), py::arg("seed"),
         "lora_dropout_cuda(t, dropout_p, seed) -> t * mask / (1 - p) with the fused kernels' counter mask\n"
         "(idx = row * k + col). Twin: qlora_ext.reference.dropout.");
+  m.def("qlora_gemv_cuda", &qlora_gemv_cuda, py::arg("x"), py::arg("w_nf4"), py::arg("absmax"), py::arg("code"),
+        py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"), py::arg("lora_A"),
+        py::arg("lora_B"), py::arg("bias"), py::arg("scaling"), py::arg("dropout_p"), py::arg("seed"),
+        py::arg("blocksize"),
+        "qlora_gemv_cuda(...) -> (y [m, n], u [m, r]): split-k decode forward for 1 <= m <= 32, one launch,\n"
+        "same arguments as qlora_fwd_cuda. Experimental. Twin: qlora_ext.reference.qlora_linear.");
 }

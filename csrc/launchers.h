@@ -57,3 +57,16 @@ std::tuple<at::Tensor, at::Tensor> qlora_bwd_ab_cuda(const at::Tensor& dy, const
 // -> dropout(t) [m, k] (t bf16/fp16, contiguous, 0 < p < 1): the fused kernels' mask at idx = row*k + col,
 // scaled by fp32(1/(1-p)). Used by the decode + cuBLAS path. Twin: reference.dropout.
 at::Tensor lora_dropout_cuda(const at::Tensor& t, double dropout_p, int64_t seed);
+
+// csrc/qlora_gemv.cu -----------------------------------------------------------------------------------------
+// Small-m decode forward, 1 <= m <= 32, one launch: -> (y [m, n], u [m, r]) like qlora_fwd_cuda.
+// Experimental (QLORA_EXT_PATH=gemv): compiled and tested in tests/test_cuda.py, not yet run on a GPU.
+// Twin: reference.qlora_linear.
+std::tuple<at::Tensor, at::Tensor> qlora_gemv_cuda(const at::Tensor& x, const at::Tensor& w_nf4,
+                                                   const at::Tensor& absmax, const at::Tensor& code,
+                                                   const std::optional<at::Tensor>& nested_absmax,
+                                                   const std::optional<at::Tensor>& nested_code,
+                                                   const std::optional<at::Tensor>& offset,
+                                                   const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                   const std::optional<at::Tensor>& bias, double scaling,
+                                                   double dropout_p, int64_t seed, int64_t blocksize);

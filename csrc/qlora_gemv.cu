@@ -1,40 +1,43 @@
 // Small-m decode forward (1 <= m <= 32, no grad), one kernel launch:
-//   u = dropout(x)·lora_Aᵀ  (rounded to x's dtype),   y = x·wᵀ + s·(u·lora_Bᵀ) + bias.
-// Twin: qlora_ext.reference.qlora_linear (same outputs; u identical up to fp32 summation order).
+//   u = dropout(x)·lora_Aᵀ  (rounded to x's dtype),   y = x·wᵀ + s·(u·lora_Bᵀ) + bias   (one rounding).
+// Twin: qlora_ext.reference.qlora_linear. Every decoded weight equals reference.dequantize_nf4 bit for bit;
+// y and u are fp32-accumulated (u: deterministic order, rounded once; the expand uses that rounded u).
 //
 // Floors, H200, 4096 -> 14336 (n·k = 58.7 M weights):
-//   bytes  : NF4 29.4 MB + uint8 absmax 0.92 MB = 30.3 MB -> 7.1 us at the measured 4.27 TB/s.
-//   decode : a 16-entry table lookup per weight. The table is built once per 64-block (16 FMUL + 8 cvt +
-//            8 prmt) and indexed with prmt (an 8-byte lookup), so one bf16 costs 2 prmt plus 1/4 of a
-//            selector op: ~2.5 ALU-pipe ops/weight = 147 M ops / (64 ALU lanes x 132 SMs x 1.98 GHz) = 8.8 us.
-//            The ALU pipe, not DRAM, is the binding floor; everything else in the kernel stays off that pipe
-//            (mma for the multiply at any m, LDS for x, cp.async for the weights).
-//   so the plan: stream w with cp.async (16 B, evict-first) through a 3-stage ring per warp, decode with prmt,
-//   multiply with mma.sync m16n8k16 (w rows = M, x rows = N padded to 8·NT, k = K), reduce deterministically.
+//   bytes : NF4 29.4 MB + uint8 absmax 0.92 MB = 30.3 MB -> 7.1 us at the measured 4.27 TB/s.
+//   decode: one 16-entry table lookup per weight, in the reference's rounding order (table = T(code[i]·scale),
+//           built once per 64-block). prmt looks up 8 bytes, so a bf16 costs 2 prmt (byte planes, two table
+//           halves, pick, interleave) + 1/4 lop3, the table 1/4 more: >= 2.5 ALU-pipe ops/weight. The ALU pipe is
+//           16 lanes/clk per SM sub-partition -> 58.7 M x 2.5 / (16 x 528 x 1.98 GHz) = 8.8 us. That, not DRAM, is
+//           the binding floor, so everything else stays off the ALU pipe: mma.sync for the multiply at every m
+//           (m = 1 wastes 7/8 of an n8 tile, the tensor pipe is idle anyway), IMAD.HI (FMA pipe) for the decode's
+//           shifts, LDS for x, cp.async for the weights, cursors instead of divisions.
+//   ptxas/SASS (sm_90a, bf16, NT=1) per unit = 128 weights/thread: 272 prmt, ~52 lop3, 16 F2FP + ~45 other ALU
+//   ops in the stream -> ~3.1 ALU ops/weight -> ~10.9 us ALU-bound; + ~1 us to fill the pipe, ~0.7 us epilogue.
 //
-// Work split. CTA b = (split ks = b / R, rowgroup rg = b % R), grid S·R <= #SMs (one CTA per SM):
+// Work split. CTA b = (rowgroup rg = b / S, split ks = b % S), grid S·R <= #SMs, one CTA per SM:
 //   - rowgroup rg owns tiles [rg·T/R, (rg+1)·T/R) of 16 rows of w; split ks owns chunks [ks·ck/S, (ks+1)·ck/S)
-//     of 256 k. S = 1 unless x's slice (m·k_split·2 B, kept in smem for the CTA's life) does not fit.
-//   - a unit = 16 rows x 256 k (2 KB of NF4). The CTA's units (tile-major) are cut into 12 equal contiguous
-//     ranges, one per decode warp (3 per SM sub-partition, so every ALU pipe gets the same work to +-1 unit).
-//     A tile covered by one warp is written to smem when done; a tile shared by warps is summed at the end from
-//     per-warp head/tail slots in warp (= k) order. No float atomics anywhere: y is bit-reproducible.
-//   - warp 12 ("lora warp") computes u: job (u-tile j of 16 rank rows, chunk c) = mma of lora_A rows with
-//     dropout(x) from the same smem slice; per-chunk partials go to ws_u, the last job of a u-tile sums them
-//     in chunk order, rounds, writes u and u_pad. It then tells every rowgroup "u is written" by one arrival
-//     on rg_count[rg]. Jobs are spread over the CTAs of a split (16 jobs for r = 16, k = 4096).
-//   - y of a rowgroup is finalized once its S partials and u's arrival are in: the expand s·u·lora_Bᵀ is one
-//     more mma (k = r) over lora_B rows and u_pad, then + bias, one rounding to x's dtype.
-//     S == 1 (the decode case): the lora warp reads rg_count near the end of the CTA; u has been written long
-//     before (u jobs take ~3 us, the stream ~9 us), so the CTA finalizes straight from smem. If u is late, or
-//     S > 1, partials go to ws_y and the last arrival (CTA or the u-finisher) finalizes. Nobody ever waits
-//     on another CTA, so no co-residency assumption and no deadlock under any scheduling.
-//   - every counter is returned to zero by its last user, so the counter block is cached per (device, stream)
+//     of 256 k. x's slice (m·k/S·2 bytes) lives in smem for the CTA's life; S = 1 unless it does not fit.
+//   - a unit = 16 rows x 256 k (2 KB of NF4). The CTA's units (tile-major) are cut into DW equal contiguous
+//     ranges, one per decode warp (DW = 12 for m <= 8, else 8; a multiple of 4, so every SM sub-partition's ALU
+//     pipe gets the same work to +-1 unit). Each decode warp streams its range through a private 4-slot cp.async
+//     ring (3 units = 6 KB in flight per warp, 6-9 MB on the chip: covers the DRAM latency).
+//     A tile one warp covered alone goes to smem when done; tiles shared by warps are summed at the end from
+//     per-warp head/tail slots in warp (= k) order. No float atomics: y is bit-reproducible run to run.
+//   - warp DW, the lora warp, computes u: job (u-tile j = 16 ranks, chunk c) = the same mma scheme with lora_A
+//     rows as A and dropout(x) as B; per-chunk partials go to ws_u, the last job of a u-tile sums them in chunk
+//     order, rounds, writes u and u_pad; the last u-tile then arrives once on every rowgroup counter. Jobs are
+//     dealt over the CTAs of a split (r = 16, k = 4096: 16 jobs of 8 KB on 16 CTAs; u is ready after ~5 us).
+//   - rowgroup finalization needs its S partial sums and u: y = acc + s·(lora_B rows · u_padᵀ) (one more mma,
+//     k = rank) + bias, rounded once. S == 1 (decode): the lora warp polls its rowgroup counter during the second
+//     half of the stream; once u's arrival shows, it copies u_pad to smem and the CTA finalizes from smem. If u
+//     is late, or S > 1, partials go to ws_y and the last of the S + 1 arrivals finalizes. Nothing ever waits
+//     for another CTA: no co-residency assumption, no deadlock under any scheduling or sharing of the GPU.
+//   - every counter is put back to zero by its last user, so the counter block is cached per (device, stream)
 //     and no memset runs per call (a fresh zeroed block is used while a CUDA graph is being captured).
 //
-// Prediction, 4096 -> 14336, r = 16: m = 1 ~10 us, m = 16 ~11 us of kernel (ALU floor 8.8 us + ~1 us pipeline
-// fill + ~0.5 us epilogue; m = 16 adds the 128 KB x slice per SM at start); ~1.5 us more in a launch-to-launch
-// measurement. Target 14 us; cuBLAS bf16 41 us.
+// Registers (ptxas, no spills, no stack frame): sm_90a NT=1/2/4 (13/9/9 warps): 124/146/167; sm_80: 120/144/168.
+// Caps: 13 warps -> 128, 9 warps -> 168 (the busiest SMSP's 16K-register bank).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -52,16 +55,19 @@
 
 #include "common/checks.h"
 #include "common/dropout.cuh"
+#include "common/mma_sm80.cuh"
 #include "common/nf4.cuh"
+#include "common/nf4_gemm.cuh"
 #include "launchers.h"
 
 namespace {
 
-constexpr int kDecodeWarps = 12;            // 3 per sub-partition: the decode is ALU-bound, balance per SMSP
-constexpr int kLoraWarp = kDecodeWarps;     // the 13th warp: u jobs, "is u written?", u -> smem
-constexpr int kWarps = kDecodeWarps + 1;
-constexpr int kThreads = kWarps * 32;       // 416
-constexpr int kStages = 3;                  // cp.async ring per decode warp: 2 units (4 KB) in flight each
+// Decode warps per CTA, a multiple of 4 so every SM sub-partition (and its ALU pipe) gets the same share; plus one
+// lora warp (index = the decode-warp count). Registers come from the SMSP's 16K bank: 13 warps -> 4 on one SMSP ->
+// 128 registers/thread, enough for m <= 8 (NT = 1: ~124); 9 warps -> 168 for NT = 2, 4 (144 / 168 used).
+// More warps per SMSP hide more of the decode's prmt -> mma latency chain, so NT = 1 (the m = 1 decode) takes 12.
+constexpr int decode_warps(int nt) { return nt == 1 ? 12 : 8; }
+constexpr int kStages = 4;                  // cp.async ring per decode warp: 3 units (6 KB) in flight each
 constexpr int kTileRows = 16;               // mma M
 constexpr int kChunkK = 256;                // k per unit: 4 NF4 blocks, one per thread of a quad
 constexpr int kRowBytes = kChunkK / 2;      // 128 packed bytes per row per unit
@@ -87,16 +93,18 @@ struct GemvParams {
   int* u_count;            // [1]      finished u tiles
   int64_t n, k, nblocks;   // nblocks = n·k/64
   int m, r, r_pad, kb, ck, tiles, utiles;  // kb = k/64, ck = ceil(k/256), tiles = ceil(n/16), r_pad = utiles·16
-  int splits, rowgroups;   // S, R
+  int splits, rowgroups;   // S, R: grid = S·R CTAs, CTA b -> rowgroup b / S, split b % S
   int xs_stride;           // elements per smem row of x (ceil(ck/S)·256)
+  int tail_segs;           // 16-byte segments per row in the last chunk: (k - (ck-1)·256) / 32
   int slot_bytes;          // stage slot: 2048 B of NF4 + 16 rows of absmax window
   int abs_bytes;           // absmax window bytes per row: 8 (uint8, double quant) or 32 (fp32)
-  int nested_cap;          // floats reserved for the CTA's nested_absmax slice
   int off_stage, off_acc, off_lora_b, off_bias, off_u, off_nested, off_ncode, off_code, off_misc;  // smem carve
   float scaling;           // s
   float dropout_scale;     // fp32(1/(1-p))
   uint32_t dropout_key, dropout_thresh;
   int dropout;             // p > 0
+  uint32_t k3210;          // 0x32103210, the prmt identity selector, passed at run time so that ptxas keeps it in
+                           // a register and the decode's selector build is one lop3 (two immediates do not fit)
 };
 
 // CTA-private flags in smem.
@@ -108,7 +116,6 @@ struct CtaMisc {
 };
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-__device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // ---------------------------------------------------------------------------------------------------------
 // PTX wrappers
@@ -119,10 +126,6 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   uint32_t d;
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
   return d;
-}
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 // createpolicy.fractional.L2::evict_first: the packed weights are read exactly once; keep x, lora_A/B, u and
@@ -146,9 +149,6 @@ __device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src,
 __device__ __forceinline__ void cp_async_4_zfill(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 // ld.acquire.gpu: read a counter another CTA released with fence + atomic; later loads see what it published.
 __device__ __forceinline__ int ld_acquire(const int* p) {
@@ -160,40 +160,13 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 // ld.global.nc.v4: lora_A rows (read once, 16 B aligned).
 __device__ __forceinline__ uint4 ldg_128(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
-template <typename T> struct DType;
-template <> struct DType<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {  // cvt.rn.bf16x2.f32: RNE, as torch
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ uint16_t bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
-  static __device__ __forceinline__ float value(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
-  // mma.sync m16n8k16, fp32 accumulate in place.
-  static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                             uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-};
-template <> struct DType<__half> {
-  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ uint16_t bits(float f) { return __half_as_ushort(__float2half_rn(f)); }
-  static __device__ __forceinline__ float value(uint16_t b) { return __half2float(__ushort_as_half(b)); }
-  static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                             uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-};
+// mma.sync m16n8k16 through common/mma_sm80.cuh, taking the four A registers by value.
+template <typename T>
+__device__ __forceinline__ void mma4(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                     uint32_t b1) {
+  const uint32_t a[4] = {a0, a1, a2, a3};
+  qlora::mma_m16n8k16<T>(d, a, b0, b1);
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // NF4 decode: per-block table in byte planes, looked up with prmt
@@ -211,8 +184,8 @@ __device__ __forceinline__ BlockTable make_table(const float (&code)[16], float 
   BlockTable tb;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const uint32_t e01 = DType<T>::pack2(__fmul_rn(code[4 * q + 0], scale), __fmul_rn(code[4 * q + 1], scale));
-    const uint32_t e23 = DType<T>::pack2(__fmul_rn(code[4 * q + 2], scale), __fmul_rn(code[4 * q + 3], scale));
+    const uint32_t e01 = qlora::Elem<T>::pack2(__fmul_rn(code[4 * q + 0], scale), __fmul_rn(code[4 * q + 1], scale));
+    const uint32_t e23 = qlora::Elem<T>::pack2(__fmul_rn(code[4 * q + 2], scale), __fmul_rn(code[4 * q + 3], scale));
     tb.lo[q] = prmt(e01, e23, 0x6420u);
     tb.hi[q] = prmt(e01, e23, 0x7531u);
   }
@@ -232,12 +205,19 @@ __device__ __forceinline__ void decode_half(const BlockTable& tb, uint32_t s_lo,
 }
 
 // One 32-bit word = 8 consecutive k of one row -> out[p] = T pair (k_{2p}, k_{2p+1}), low half first.
-// 16 prmt + 2 lop3 + 3 shifts per 8 weights.
-__device__ __forceinline__ void decode_word(const BlockTable& tb, uint32_t w, uint32_t (&out)[4]) {
+// ALU pipe: 16 prmt + 2 lop3 per 8 weights. The four right shifts are mul.hi by a power of two, which runs on
+// the FMA pipe (IMAD.HI) instead of the ALU pipe that the prmt saturate.
+__device__ __forceinline__ uint32_t shr_fma(uint32_t v, uint32_t pow2) {  // v >> log2(2^32 / pow2)
+  uint32_t d;
+  asm("mul.hi.u32 %0, %1, %2;" : "=r"(d) : "r"(v), "r"(pow2));
+  return d;
+}
+__device__ __forceinline__ void decode_word(const BlockTable& tb, uint32_t w, uint32_t k3210, uint32_t (&out)[4]) {
   const uint32_t w_hi = w ^ 0x88888888u;
-  const uint32_t pick = ((w >> 1) & 0x44444444u) | 0x32103210u;
+  uint32_t pick;  // ((w >> 1) & 0x44444444) | 0x32103210 in one lop3 (0x32103210 lives in a register)
+  asm("lop3.b32 %0, %1, 0x44444444, %2, 0xEA;" : "=r"(pick) : "r"(shr_fma(w, 0x80000000u)), "r"(k3210));
   decode_half(tb, w, w_hi, pick, out[0], out[1]);
-  decode_half(tb, w >> 16, w_hi >> 16, pick >> 16, out[2], out[3]);
+  decode_half(tb, shr_fma(w, 0x10000u), shr_fma(w_hi, 0x10000u), shr_fma(pick, 0x10000u), out[2], out[3]);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -256,8 +236,8 @@ __device__ __forceinline__ int rg_tile_begin(const GemvParams& p, int rg) {
 
 __device__ __forceinline__ CtaGeom cta_geom(const GemvParams& p) {
   CtaGeom c;
-  c.ks = blockIdx.x / p.rowgroups;
-  c.rg = blockIdx.x % p.rowgroups;
+  c.rg = blockIdx.x / p.splits;  // rowgroup-major: u jobs go to low rowgroups, which are in the first wave
+  c.ks = blockIdx.x % p.splits;
   c.c0 = static_cast<int>(static_cast<int64_t>(c.ks) * p.ck / p.splits);
   c.cks = static_cast<int>(static_cast<int64_t>(c.ks + 1) * p.ck / p.splits) - c.c0;
   c.tau0 = rg_tile_begin(p, c.rg);
@@ -267,106 +247,130 @@ __device__ __forceinline__ CtaGeom cta_geom(const GemvParams& p) {
 }
 
 // Equal contiguous unit ranges for the decode warps.
+template <int DW>
 __device__ __forceinline__ int warp_unit_begin(int units, int w) {
-  return static_cast<int>(static_cast<int64_t>(units) * w / kDecodeWarps);
+  return static_cast<int>(static_cast<int64_t>(units) * w / DW);
 }
 
-// x slice in smem: [m][xs_stride] T. 16-byte chunk j of row mm lives at chunk (j & ~7) | ((j ^ (j>>3) ^ 4·mm) & 7):
-// a quarter-warp reads chunks 32c + 8t + i for t = 0..3 and rows g, g+1 — the XOR spreads them over 8 bank groups.
-__device__ __forceinline__ int xs_chunk(int j, int mm) { return (j & ~7) | ((j ^ (j >> 3) ^ (mm << 2)) & 7); }
+// x slice in smem: [m][xs_stride] T, 16-byte chunk j of row mm at (j & ~7) | ((j ^ ((j>>3) & 3) ^ 4·mm) & 7).
+// A quarter-warp reads chunks 32c + 8t + i for t = 0..3 of rows g, g+1: t and g&1 go into the xor, so the 8
+// reads hit 8 different bank groups. mma columns nt·8+g >= m read row m-1 instead: they only feed output columns
+// that are discarded, and a real (finite) row keeps NaN garbage out without a predicate or zero padding.
+__device__ __forceinline__ int xs_chunk(int j, int mm) { return (j & ~7) | ((j ^ ((j >> 3) & 3) ^ (mm << 2)) & 7); }
 
-// B operand for word i (8 k) of this thread's NF4 block in local chunk cl: x[nt·8+g][cl·256 + 64t + 8i, +8).
-// Rows >= m read as zero (they only feed discarded output columns, but must not carry NaN garbage).
-template <int NT>
-__device__ __forceinline__ void load_x_frags(const unsigned char* x_s, int row_bytes, int m, int cl, int i,
-                                             uint4 (&xf)[NT]) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int mm = nt * 8 + g;
-    xf[nt] = make_uint4(0u, 0u, 0u, 0u);
-    if (mm < m) xf[nt] = *reinterpret_cast<const uint4*>(x_s + mm * row_bytes + (xs_chunk(cl * 32 + 8 * t + i, mm) << 4));
-  }
+__device__ __forceinline__ int x_row(int m, int nt) { return min(nt * 8 + ((threadIdx.x & 31) >> 2), m - 1); }
+
+// B operand for word i (8 k) of this thread's block in local chunk cl: x[nt·8+g][cl·256 + 64t + 8i, +8).
+__device__ __forceinline__ uint4 load_x_frag(const unsigned char* x_s, int row_bytes, int m, int nt, int cl, int i) {
+  const int t = threadIdx.x & 3;
+  const int mm = x_row(m, nt);
+  return *reinterpret_cast<const uint4*>(x_s + mm * row_bytes + (xs_chunk(cl * 32 + 8 * t + i, mm) << 4));
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Decode warps: stream, decode, multiply
 // ---------------------------------------------------------------------------------------------------------
-// Issue one unit (16 rows x 256 k) into a stage slot. Lane l copies row 4j + l/8, segment l%8, j = 0..3: each
-// instruction covers 4 full rows = whole 32 B sectors. Segment s of row q lands at s ^ (q & 1): the decode reads
-// segments 2t+h of rows g and g+1 in one quarter-warp, the XOR makes that conflict-free.
-// The absmax of the unit's 4 blocks per row is at flat block blk0 = row·kb + 4c, not 4-aligned when k % 256 != 0,
-// so the lane pair of a row copies the aligned window(s) covering it (2nd only when misaligned).
-// Rows >= n and segments past k are not copied; the decode gives those a zero scale.
-__device__ __forceinline__ void issue_unit(const GemvParams& p, const CtaGeom& cta, int unit, unsigned char* slot,
-                                           uint64_t pol) {
-  const int lane = threadIdx.x & 31;
-  const int tl = unit / cta.cks, c = cta.c0 + unit % cta.cks;
-  const int64_t row0 = static_cast<int64_t>(cta.tau0 + tl) * kTileRows;
-  const int64_t k_left = p.k - static_cast<int64_t>(c) * kChunkK;       // >= 64 since c < ck
-  const int seg_valid = static_cast<int>(min64(kRowBytes, k_left / 2)) / 16;
-  const uint32_t slot_s = smem_u32(slot);
+// A unit = 16 rows x 256 k; a warp walks its range tile-major with two cursors (issue runs kStages-1 units ahead
+// of decode). Tile-level values are recomputed only when a cursor enters a new tile: no divisions or 64-bit
+// multiplies per unit.
+
+// Issue side. Lanes 2q and 2q+1 own row q of the unit: instruction s copies segments 2s and 2s+1 (16 B each) of
+// every row, i.e. one whole 32 B sector per row, from one base address plus an immediate. Segment s of row q
+// lands at s ^ (q & 1): the decode reads segment 2t+h of rows g and g+1 in one quarter-warp and the xor keeps
+// that conflict-free. The same lane pair copies the row's absmax: the unit's 4 blocks start at flat block
+// row·kb + 4c, 4-aligned only when k % 256 == 0, so the pair copies the aligned window(s) covering them (the
+// second only when misaligned; 4c keeps the low two bits, so that is fixed per row). Rows >= n and segments past
+// k are not copied; the decode gives them a zero scale.
+struct IssueCursor {
+  int tl, cl;
+  const uint8_t* src;  // w_nf4 at (row 16·tau + l/2, chunk c0) + 16·(l & 1)
+  const uint8_t* asrc; // absmax bytes of this lane's aligned window (row 16·tau + l/2, chunk c0)
+  int a_left;          // blocks from that window's first block to the end of absmax (clamped to 2^30)
+  bool row_ok;         // row 16·tau + l/2 < n
+  bool a_copy;         // row_ok, and this lane's window is needed (window 1 only when misaligned)
+};
+
+__device__ __forceinline__ void issue_enter_tile(const GemvParams& p, const CtaGeom& cta, IssueCursor& ic) {
+  const int lane = threadIdx.x & 31, win = lane & 1;
+  const int64_t row = static_cast<int64_t>(cta.tau0 + ic.tl) * kTileRows + (lane >> 1);
+  ic.row_ok = row < p.n;
+  const int64_t safe_row = ic.row_ok ? row : 0;  // keep pointers inside the tensors for rows never copied
+  ic.src = p.w.w_nf4 + safe_row * (p.k / 2) + static_cast<int64_t>(cta.c0) * kRowBytes + 16 * win;
+  const int64_t blk = row * p.kb + 4 * cta.c0;
+  const int64_t start = (blk & ~int64_t(3)) + 4 * win;
+  ic.a_copy = ic.row_ok && (win == 0 || (blk & 3) != 0);
+  ic.a_left = static_cast<int>(min64(p.nblocks - start, int64_t(1) << 30));
+  const int64_t safe = ic.a_copy ? start : 0;
+  ic.asrc = p.w.absmax_q8 != nullptr ? p.w.absmax_q8 + safe
+                                     : reinterpret_cast<const uint8_t*>(p.w.absmax_f32 + safe);
+}
+
+__device__ __forceinline__ void issue_unit(const GemvParams& p, const CtaGeom& cta, const IssueCursor& ic,
+                                           unsigned char* slot, uint64_t pol) {
+  const int lane = threadIdx.x & 31, h = lane & 1, q = lane >> 1;
+  // only the last chunk of a row can be short (k % 256 != 0): it has tail_segs segments of 32 k
+  const int nseg = cta.c0 + ic.cl == p.ck - 1 ? p.tail_segs : 8;
+  const uint32_t dst = qlora::smem_addr(slot) + q * kRowBytes + ((h ^ (q & 1)) << 4);  // + 32·s: segment 2s+h
+  const uint8_t* src = ic.src + ic.cl * kRowBytes;
+  if (ic.row_ok) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int row = 4 * j + (lane >> 3), seg = lane & 7;
-    const int64_t grow = row0 + row;
-    if (grow < p.n && seg < seg_valid) {
-      const uint8_t* src = p.w.w_nf4 + grow * (p.k / 2) + static_cast<int64_t>(c) * kRowBytes + seg * 16;
-      cp_async_16_hint(slot_s + row * kRowBytes + ((seg ^ (row & 1)) << 4), src, pol);
-    }
+    for (int s = 0; s < 4; ++s)
+      if (2 * s + h < nseg) cp_async_16_hint(dst + 32 * s, src + 32 * s, pol);
   }
-  const int row = lane >> 1, win = lane & 1;
-  const int64_t grow = row0 + row;
-  if (grow < p.n) {
-    const int64_t blk0 = grow * p.kb + 4 * c;
-    if (win == 0 || (blk0 & 3) != 0) {
-      const int64_t start = (blk0 & ~int64_t(3)) + 4 * win;  // first block of this aligned window
-      const int64_t avail = p.nblocks - start;                // blocks left in the tensor
-      const uint32_t dst = slot_s + kUnitBytes + row * p.abs_bytes;
-      if (p.w.absmax_q8 != nullptr) {
-        const int bytes = static_cast<int>(max64(0, min64(4, avail)));
-        cp_async_4_zfill(dst + 4 * win, p.w.absmax_q8 + (bytes > 0 ? start : 0), bytes);
-      } else {
-        const int bytes = static_cast<int>(max64(0, min64(16, 4 * avail)));
-        cp_async_16_zfill(dst + 16 * win, p.w.absmax_f32 + (bytes > 0 ? start : 0), bytes);
-      }
-    }
+  if (ic.a_copy) {
+    const int left = ic.a_left - 4 * ic.cl;  // blocks left in absmax from this window's first block
+    const uint32_t adst = qlora::smem_addr(slot) + kUnitBytes + q * p.abs_bytes;
+    const bool full = left >= 4, some = left > 0;
+    if (p.w.absmax_q8 != nullptr)
+      cp_async_4_zfill(adst + 4 * h, some ? ic.asrc + 4 * ic.cl : ic.asrc, full ? 4 : (some ? left : 0));
+    else
+      cp_async_16_zfill(adst + 16 * h, some ? ic.asrc + 16 * ic.cl : ic.asrc, full ? 16 : (some ? 4 * left : 0));
   }
 }
 
-// Scale of this thread's block in one row of the unit, bnb's rounding order (see nf4.cuh); 0 for rows >= n and
-// blocks past k (a zero table turns whatever stale bytes the slot holds into zeros).
-__device__ __forceinline__ float unit_scale(const GemvParams& p, const unsigned char* slot, int row, int64_t grow,
-                                            int c, bool valid, const float* nested_s, int64_t nested_lo,
-                                            const float* ncode_s, float offset) {
-  if (!valid) return 0.f;
-  const int t = threadIdx.x & 3;
-  const int64_t blk0 = grow * p.kb + 4 * c;
-  const int idx = static_cast<int>(blk0 & 3) + t;
-  const unsigned char* win = slot + kUnitBytes + row * p.abs_bytes;
-  if (p.w.absmax_q8 != nullptr) {
-    const int q8 = win[idx];
-    const int64_t blk = blk0 + t;
-    return __fadd_rn(__fmul_rn(ncode_s[q8], nested_s[(blk >> nf4::kNestedShift) - nested_lo]), offset);
-  }
-  return reinterpret_cast<const float*>(win)[idx];
+// Decode side: tile-level state of the current tile (rows g and g+8 of this thread, block t of each chunk).
+struct DecodeCursor {
+  int tl, cl;
+  int rel0, rel1;      // flat block of (row, chunk c0, block t) minus 256·nested_lo, rows g and g+8
+  int win0, win1;      // slot offsets of this thread's absmax in the rows' windows (window base ≡ block mod 4)
+  bool ok0, ok1;       // rows g, g+8 < n
+};
+
+__device__ __forceinline__ void decode_enter_tile(const GemvParams& p, const CtaGeom& cta, DecodeCursor& dc,
+                                                  int64_t nested_lo) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const int64_t row0 = static_cast<int64_t>(cta.tau0 + dc.tl) * kTileRows + g;
+  const int64_t base = 4 * static_cast<int64_t>(cta.c0) + t - (nested_lo << nf4::kNestedShift);
+  dc.rel0 = static_cast<int>(row0 * p.kb + base);  // one CTA spans < 2^30 blocks (host check)
+  dc.rel1 = static_cast<int>((row0 + 8) * p.kb + base);
+  const int esize = p.w.absmax_q8 != nullptr ? 1 : 4;
+  dc.win0 = kUnitBytes + g * p.abs_bytes + ((dc.rel0 - t) & 3) * esize + t * esize;
+  dc.win1 = dc.win0 + 8 * p.abs_bytes;  // 8·kb ≡ 0 (mod 4): same offset in the window
+  dc.ok0 = row0 < p.n;
+  dc.ok1 = row0 + 8 < p.n;
+}
+
+// Scale of this thread's block in one row: bnb's rounding order (see nf4.cuh).
+__device__ __forceinline__ float unit_scale(const GemvParams& p, const unsigned char* slot, int win, int rel,
+                                            const float* nested_s, const float* ncode_s, float offset) {
+  if (p.w.absmax_q8 != nullptr)
+    return __fadd_rn(__fmul_rn(ncode_s[slot[win]], nested_s[rel >> nf4::kNestedShift]), offset);
+  return *reinterpret_cast<const float*>(slot + win);
 }
 
 // One unit: thread (g, t) decodes block t of rows g and g+8 (64 k each) and runs 16 k-steps of mma per n8 tile.
-// k permutation: mma k-slots (2t, 2t+1 | 2t+8, 2t+9) of step 2i (2i+1) hold physical k 64t + 8i + (0,1 | 2,3)
-// ((4,5 | 6,7)) — the same for w (A) and x (B), so the sum is unchanged and x is one 16 B smem load per word.
+// k permutation: the mma k-slots (2t, 2t+1 | 2t+8, 2t+9) of step 2i (2i+1) hold physical k 64t + 8i + (0,1 | 2,3)
+// ((4,5 | 6,7)), the same for w (A) and x (B): the sum is unchanged and a word of w meets one 16 B load of x.
+// Blocks past k (ragged last chunk) and rows >= n get scale 0: their table is all zeros, whatever the slot holds.
 template <typename T, int NT>
-__device__ __forceinline__ void process_unit(const GemvParams& p, const CtaGeom& cta, int unit,
+__device__ __forceinline__ void process_unit(const GemvParams& p, const CtaGeom& cta, const DecodeCursor& dc,
                                              const unsigned char* slot, const unsigned char* x_s,
-                                             const float* code_s, const float* nested_s, int64_t nested_lo,
-                                             const float* ncode_s, float offset, float (&acc)[NT][4]) {
+                                             const float* code_s, const float* nested_s, const float* ncode_s,
+                                             float offset, uint32_t k3210, float (&acc)[NT][4]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int tl = unit / cta.cks, cl = unit % cta.cks, c = cta.c0 + cl;
-  const int64_t row0 = static_cast<int64_t>(cta.tau0 + tl) * kTileRows;
-  const bool blk_ok = 4 * c + t < p.kb;  // ragged last chunk when k % 256 != 0
-  const float s0 = unit_scale(p, slot, g, row0 + g, c, blk_ok && row0 + g < p.n, nested_s, nested_lo, ncode_s, offset);
-  const float s1 = unit_scale(p, slot, g + 8, row0 + g + 8, c, blk_ok && row0 + g + 8 < p.n, nested_s, nested_lo,
-                              ncode_s, offset);
+  const bool blk_ok = cta.c0 + dc.cl != p.ck - 1 || 2 * t < p.tail_segs;  // ragged last chunk: tail_segs/2 blocks
+  const float s0 = dc.ok0 && blk_ok ? unit_scale(p, slot, dc.win0, dc.rel0 + 4 * dc.cl, nested_s, ncode_s, offset) : 0.f;
+  const float s1 = dc.ok1 && blk_ok ? unit_scale(p, slot, dc.win1, dc.rel1 + 4 * dc.cl, nested_s, ncode_s, offset) : 0.f;
   float code[16];
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
@@ -375,25 +379,33 @@ __device__ __forceinline__ void process_unit(const GemvParams& p, const CtaGeom&
   }
   const BlockTable tb0 = make_table<T>(code, s0);
   const BlockTable tb1 = make_table<T>(code, s1);
+  // x: row x_row(nt), 16 B chunk 32·cl + 8t + (i ^ t ^ 4(g&1)) (xs_chunk with (j>>3) & 3 == t). A clamped row
+  // (column >= m) may have the other parity, so it reads another chunk of that row: finite, and discarded.
   const int row_bytes = p.xs_stride * 2;
+  const int xsw = (t ^ ((g & 1) << 2)) << 4;
+  const unsigned char* xrow[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) xrow[nt] = x_s + x_row(p.m, nt) * row_bytes + (dc.cl * 32 + 8 * t) * 16;
+  // w: segment (2t + h) ^ (g & 1) of rows g and g+8 ((g+8) & 1 == g & 1)
+  const unsigned char* wrow = slot + g * kRowBytes + 32 * t;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int seg = ((2 * t + h) ^ (g & 1)) << 4;  // (g+8) & 1 == g & 1
-    const uint4 raw0 = *reinterpret_cast<const uint4*>(slot + g * kRowBytes + seg);
-    const uint4 raw1 = *reinterpret_cast<const uint4*>(slot + (g + 8) * kRowBytes + seg);
+    const int seg = (h ^ (g & 1)) << 4;
+    const uint4 raw0 = *reinterpret_cast<const uint4*>(wrow + seg);
+    const uint4 raw1 = *reinterpret_cast<const uint4*>(wrow + 8 * kRowBytes + seg);
     const uint32_t w0[4] = {raw0.x, raw0.y, raw0.z, raw0.w};
     const uint32_t w1[4] = {raw1.x, raw1.y, raw1.z, raw1.w};
 #pragma unroll
     for (int jj = 0; jj < 4; ++jj) {
-      uint4 xf[NT];
-      load_x_frags<NT>(x_s, row_bytes, p.m, cl, 4 * h + jj, xf);
+      const int i = 4 * h + jj;
       uint32_t a0[4], a1[4];
-      decode_word(tb0, w0[jj], a0);
-      decode_word(tb1, w1[jj], a1);
+      decode_word(tb0, w0[jj], k3210, a0);
+      decode_word(tb1, w1[jj], k3210, a1);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        DType<T>::mma(acc[nt], a0[0], a1[0], a0[1], a1[1], xf[nt].x, xf[nt].y);
-        DType<T>::mma(acc[nt], a0[2], a1[2], a0[3], a1[3], xf[nt].z, xf[nt].w);
+        const uint4 xf = *reinterpret_cast<const uint4*>(xrow[nt] + ((i << 4) ^ xsw));
+        mma4<T>(acc[nt], a0[0], a1[0], a0[1], a1[1], xf.x, xf.y);
+        mma4<T>(acc[nt], a0[2], a1[2], a0[3], a1[3], xf.z, xf.w);
       }
     }
   }
@@ -420,31 +432,66 @@ __device__ __forceinline__ float* warp_slot(unsigned char* smem, const GemvParam
   return reinterpret_cast<float*>(smem + p.off_stage + w * kStages * p.slot_bytes) + which * 32 * 4 * nt;
 }
 
+// Issue unit u (the cursor's position) into its ring slot and advance the cursor.
+__device__ __forceinline__ void issue_next(const GemvParams& p, const CtaGeom& cta, IssueCursor& ic, int u, int ua,
+                                           int ub, unsigned char* ring, uint64_t pol) {
+  issue_unit(p, cta, ic, ring + (static_cast<unsigned>(u - ua) % kStages) * p.slot_bytes, pol);
+  if (++ic.cl == cta.cks) {
+    ic.cl = 0;
+    ++ic.tl;
+    if (u + 1 < ub) issue_enter_tile(p, cta, ic);
+  }
+}
+
+// Prologue of a decode warp: put its first kStages-1 units in flight (runs before the CTA waits for x).
+__device__ __forceinline__ void decode_prologue(const GemvParams& p, const CtaGeom& cta, unsigned char* smem,
+                                                IssueCursor& ic, int ua, int ub, uint64_t pol) {
+  unsigned char* ring = smem + p.off_stage + (threadIdx.x / 32) * kStages * p.slot_bytes;
+  if (ua < ub) {
+    ic.tl = ua / cta.cks;
+    ic.cl = ua - ic.tl * cta.cks;
+    issue_enter_tile(p, cta, ic);
+  }
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (ua + s < ub) issue_next(p, cta, ic, ua + s, ua, ub, ring, pol);
+    qlora::cp_async_commit();
+  }
+}
+
+// Main loop of a decode warp over units [ua, ub). A finished tile goes to acc_s when the warp covered it whole;
+// the first (head) and last (tail) tile of the range may be shared with neighbours and go to the warp's slots.
 template <typename T, int NT>
-__device__ void decode_warp(const GemvParams& p, const CtaGeom& cta, unsigned char* smem, CtaMisc* misc,
-                            int ua, int ub, uint64_t pol, const float* nested_s, int64_t nested_lo, float offset) {
+__device__ void decode_main(const GemvParams& p, const CtaGeom& cta, unsigned char* smem, CtaMisc* misc,
+                            IssueCursor& ic, int ua, int ub, uint64_t pol, const float* nested_s, int64_t nested_lo,
+                            float offset) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   unsigned char* ring = smem + p.off_stage + warp * kStages * p.slot_bytes;
-  const unsigned char* x_s = smem;
   const float* code_s = reinterpret_cast<const float*>(smem + p.off_code);
   const float* ncode_s = reinterpret_cast<const float*>(smem + p.off_ncode);
   float* acc_s = reinterpret_cast<float*>(smem + p.off_acc);
+  if (ua >= ub) return;
   const int first_tl = ua / cta.cks;
   auto owned = [&](int tl) { return ua <= tl * cta.cks && ub >= (tl + 1) * cta.cks; };
 
+  DecodeCursor dc;
+  dc.tl = first_tl;
+  dc.cl = ua - first_tl * cta.cks;
+  decode_enter_tile(p, cta, dc, nested_lo);
   float acc[NT][4] = {}, head[NT][4] = {};
-  int cur = first_tl;
   for (int u = ua; u < ub; ++u) {
     // refill the slot freed by the previous iteration, then wait for unit u (groups complete in order)
-    const int nxt = u + kStages - 1;
-    if (nxt < ub) issue_unit(p, cta, nxt, ring + ((nxt - ua) % kStages) * p.slot_bytes, pol);
-    cp_async_commit();
-    cp_async_wait<kStages - 1>();
+    if (u + kStages - 1 < ub) issue_next(p, cta, ic, u + kStages - 1, ua, ub, ring, pol);
+    qlora::cp_async_commit();
+    qlora::cp_async_wait<kStages - 1>();
     __syncwarp();
-    const int tl = u / cta.cks;
-    if (tl != cur) {  // tile boundary: a finished tile is either all ours (-> smem) or our head (-> registers)
-      if (owned(cur)) {
-        store_frag<NT>(acc_s + cur * 32 * 4 * NT, acc);
+    process_unit<T, NT>(p, cta, dc, ring + (static_cast<unsigned>(u - ua) % kStages) * p.slot_bytes, smem, code_s,
+                        nested_s, ncode_s, offset, p.k3210, acc);
+    __syncwarp();  // every lane is done with the slot before it is refilled
+    if (lane == 0) atomicAdd(&misc->progress, 1);
+    if (++dc.cl == cta.cks && u + 1 < ub) {  // tile finished mid-range: all ours (-> smem) or our head
+      if (owned(dc.tl)) {
+        store_frag<NT>(acc_s + dc.tl * 32 * 4 * NT, acc);
       } else {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
@@ -455,25 +502,22 @@ __device__ void decode_warp(const GemvParams& p, const CtaGeom& cta, unsigned ch
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-      cur = tl;
+      dc.cl = 0;
+      ++dc.tl;
+      decode_enter_tile(p, cta, dc, nested_lo);
     }
-    process_unit<T, NT>(p, cta, u, ring + ((u - ua) % kStages) * p.slot_bytes, x_s, code_s, nested_s, nested_lo,
-                        ncode_s, offset, acc);
-    __syncwarp();  // every lane is done with the slot before it is refilled
-    if (lane == 0) atomicAdd(&misc->progress, 1);
   }
-  cp_async_wait<0>();
+  qlora::cp_async_wait<0>();
   __syncwarp();
-  if (ua < ub) {
-    if (owned(cur)) {
-      store_frag<NT>(acc_s + cur * 32 * 4 * NT, acc);
-    } else if (cur == first_tl) {
-      store_frag<NT>(warp_slot(smem, p, warp, 0, NT), acc);  // the whole range sits inside one shared tile
-    } else {
-      store_frag<NT>(warp_slot(smem, p, warp, 1, NT), acc);  // tail
-    }
-    if (cur != first_tl && !owned(first_tl)) store_frag<NT>(warp_slot(smem, p, warp, 0, NT), head);
+  const int last_tl = dc.tl;
+  if (owned(last_tl)) {
+    store_frag<NT>(acc_s + last_tl * 32 * 4 * NT, acc);
+  } else if (last_tl == first_tl) {
+    store_frag<NT>(warp_slot(smem, p, warp, 0, NT), acc);  // the whole range sits inside one shared tile
+  } else {
+    store_frag<NT>(warp_slot(smem, p, warp, 1, NT), acc);  // tail
   }
+  if (last_tl != first_tl && !owned(first_tl)) store_frag<NT>(warp_slot(smem, p, warp, 0, NT), head);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -508,7 +552,7 @@ __device__ void epilogue_tile(const GemvParams& p, int tau, const float (&acc)[N
         b0 = ur[0];
         b1 = ur[4];
       }
-      DType<T>::mma(c2[nt], a[0], a[1], a[2], a[3], b0, b1);
+      mma4<T>(c2[nt], a[0], a[1], a[2], a[3], b0, b1);
     }
   }
   T* y = reinterpret_cast<T*>(p.y);
@@ -520,8 +564,8 @@ __device__ void epilogue_tile(const GemvParams& p, int tau, const float (&acc)[N
       const int row = g + 8 * (e >> 1), mm = nt * 8 + 2 * t + (e & 1);
       if (row < rows_valid && mm < p.m) {
         float v = acc[nt][e] + p.scaling * c2[nt][e];
-        if (bb != nullptr) v += DType<T>::value(bb[row]);
-        reinterpret_cast<uint16_t*>(y)[static_cast<int64_t>(mm) * p.n + row0 + row] = DType<T>::bits(v);
+        if (bb != nullptr) v += qlora::Elem<T>::to_float(bb[row]);
+        reinterpret_cast<uint16_t*>(y)[static_cast<int64_t>(mm) * p.n + row0 + row] = qlora::Elem<T>::from_float(v);
       }
     }
 }
@@ -553,7 +597,7 @@ __device__ __forceinline__ uint4 dropout_frag(const GemvParams& p, uint4 v, int 
       const uint64_t idx = static_cast<uint64_t>(mm) * static_cast<uint64_t>(p.k) + static_cast<uint64_t>(kk0 + 2 * e + hh);
       const uint16_t xb = static_cast<uint16_t>(wv[e] >> (16 * hh));
       const uint16_t db = dropout_keep(p.dropout_key, p.dropout_thresh, idx)
-                              ? DType<T>::bits(__fmul_rn(DType<T>::value(xb), p.dropout_scale))
+                              ? qlora::Elem<T>::from_float(__fmul_rn(qlora::Elem<T>::to_float(xb), p.dropout_scale))
                               : uint16_t(0);
       out |= static_cast<uint32_t>(db) << (16 * hh);
     }
@@ -578,7 +622,7 @@ __device__ void finish_utile(const GemvParams& p, int j) {
     for (int e = 0; e < 4; ++e) {
       const int rr = 16 * j + g + 8 * (e >> 1), mm = nt * 8 + 2 * t + (e & 1);  // uᵀ[rr][mm]
       if (mm < p.m) {
-        const uint16_t b = rr < p.r ? DType<T>::bits(s[nt][e]) : uint16_t(0);
+        const uint16_t b = rr < p.r ? qlora::Elem<T>::from_float(s[nt][e]) : uint16_t(0);
         if (rr < p.r) u_out[static_cast<int64_t>(mm) * p.r + rr] = b;
         u_pad[static_cast<int64_t>(mm) * p.r_pad + rr] = b;
       }
@@ -628,7 +672,7 @@ __device__ void lora_jobs(const GemvParams& p, const CtaGeom& cta, const unsigne
     const int64_t kblk = static_cast<int64_t>(c) * kChunkK + 64 * t;  // this thread's 64-wide block of k
     const bool ok0 = kblk < p.k && rr0 < p.r, ok1 = kblk < p.k && rr1 < p.r;
     float acc[NT][4] = {};
-#pragma unroll
+#pragma unroll 1  // 8 loads in flight per half is enough for a side job; unrolling both doubles the registers
     for (int h = 0; h < 2; ++h) {
       uint4 a0[4], a1[4];
 #pragma unroll
@@ -640,17 +684,12 @@ __device__ void lora_jobs(const GemvParams& p, const CtaGeom& cta, const unsigne
 #pragma unroll
       for (int ii = 0; ii < 4; ++ii) {
         const int i = 4 * h + ii;
-        uint4 xf[NT];
-        load_x_frags<NT>(x_s, row_bytes, p.m, cl, i, xf);
-        if (p.dropout) {
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-            if (nt * 8 + g < p.m) xf[nt] = dropout_frag<T>(p, xf[nt], nt * 8 + g, kblk + 8 * i);
-        }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          DType<T>::mma(acc[nt], a0[ii].x, a1[ii].x, a0[ii].y, a1[ii].y, xf[nt].x, xf[nt].y);
-          DType<T>::mma(acc[nt], a0[ii].z, a1[ii].z, a0[ii].w, a1[ii].w, xf[nt].z, xf[nt].w);
+          uint4 xf = load_x_frag(x_s, row_bytes, p.m, nt, cl, i);
+          if (p.dropout && nt * 8 + g < p.m) xf = dropout_frag<T>(p, xf, nt * 8 + g, kblk + 8 * i);
+          mma4<T>(acc[nt], a0[ii].x, a1[ii].x, a0[ii].y, a1[ii].y, xf.x, xf.y);
+          mma4<T>(acc[nt], a0[ii].z, a1[ii].z, a0[ii].w, a1[ii].w, xf.z, xf.w);
         }
       }
     }
@@ -670,8 +709,9 @@ __device__ void lora_jobs(const GemvParams& p, const CtaGeom& cta, const unsigne
 // ---------------------------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------------------------
-template <typename T, int NT>
-__global__ void __launch_bounds__(kThreads, 1) qlora_gemv_kernel(const __grid_constant__ GemvParams p) {
+template <typename T, int NT, int DW = decode_warps(NT)>
+__global__ void __launch_bounds__((DW + 1) * 32, 1) qlora_gemv_kernel(const __grid_constant__ GemvParams p) {
+  constexpr int kLoraWarp = DW, kWarps = DW + 1, kThreads = kWarps * 32;
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const CtaGeom cta = cta_geom(p);
@@ -690,22 +730,22 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemv_kernel(const __grid_co
     for (int idx = threadIdx.x; idx < p.m * row_chunks; idx += kThreads) {
       const int mm = idx / row_chunks, j = idx % row_chunks;
       const int64_t kk = static_cast<int64_t>(cta.c0) * kChunkK + 8 * j;
-      const bool ok = j < cta.cks * 32 && kk < p.k;
-      cp_async_16_zfill(smem_u32(smem + mm * row_bytes + (xs_chunk(j, mm) << 4)),
-                        x + static_cast<int64_t>(mm) * p.k + (ok ? kk : 0), ok ? 16 : 0);
+      const bool ok = j < cta.cks * 32 && kk < p.k;  // zeros past k (ragged last chunk, shorter split)
+      cp_async_16_zfill(qlora::smem_addr(smem + mm * row_bytes + (xs_chunk(j, mm) << 4)),
+                        x + (ok ? static_cast<int64_t>(mm) * p.k + kk : 0), ok ? 16 : 0);
     }
   }
   if (threadIdx.x < 16) reinterpret_cast<float*>(smem + p.off_code)[threadIdx.x] = __ldg(p.w.code + threadIdx.x);
-  int64_t nested_lo = 0;
+  // nested_lo: the CTA's first flat block / 256. Block indices in the loop are kept relative to 256·nested_lo
+  // (32-bit; host checks one CTA spans < 2^30 blocks).
+  const int64_t nested_lo = (row_begin * p.kb + 4 * cta.c0) >> nf4::kNestedShift;
   float offset = 0.f;
   if (p.w.absmax_q8 != nullptr) {
     for (int i = threadIdx.x; i < 256; i += kThreads)
       reinterpret_cast<float*>(smem + p.off_ncode)[i] = __ldg(p.w.nested_code + i);
     offset = __ldg(p.w.offset);
     if (cta.ntiles > 0) {
-      const int64_t blk_first = row_begin * p.kb + 4 * cta.c0;
       const int64_t blk_last = (row_end - 1) * p.kb + min(4 * (cta.c0 + cta.cks), p.kb) - 1;
-      nested_lo = blk_first >> nf4::kNestedShift;
       const int cnt = static_cast<int>((blk_last >> nf4::kNestedShift) - nested_lo + 1);  // <= nested_cap (host)
       for (int i = threadIdx.x; i < cnt; i += kThreads) nested_s[i] = __ldg(p.w.nested_absmax + nested_lo + i);
     }
@@ -716,51 +756,54 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemv_kernel(const __grid_co
     const int64_t lb_bytes = (row_end - row_begin) * p.r * 2;
     const unsigned char* lb_src = reinterpret_cast<const unsigned char*>(p.lora_B) + row_begin * p.r * 2;
     for (int64_t o = lane * 16; o < lb_bytes; o += 32 * 16)
-      cp_async_16_zfill(smem_u32(smem + p.off_lora_b + o), lb_src + o, static_cast<int>(min64(16, lb_bytes - o)));
+      cp_async_16_zfill(qlora::smem_addr(smem + p.off_lora_b + o), lb_src + o, static_cast<int>(min64(16, lb_bytes - o)));
     if (p.bias != nullptr) {
       const int64_t b_bytes = (row_end - row_begin) * 2;
       const unsigned char* b_src = reinterpret_cast<const unsigned char*>(p.bias) + row_begin * 2;
       for (int64_t o = lane * 16; o < b_bytes; o += 32 * 16)
-        cp_async_16_zfill(smem_u32(smem + p.off_bias + o), b_src + o, static_cast<int>(min64(16, b_bytes - o)));
+        cp_async_16_zfill(qlora::smem_addr(smem + p.off_bias + o), b_src + o, static_cast<int>(min64(16, b_bytes - o)));
     }
   }
-  cp_async_commit();
+  qlora::cp_async_commit();
 
   // 2. Decode warps start their weight stream before waiting for x.
-  const int ua = warp < kDecodeWarps ? warp_unit_begin(cta.units, warp) : 0;
-  const int ub = warp < kDecodeWarps ? warp_unit_begin(cta.units, warp + 1) : 0;
+  const int ua = warp < DW ? warp_unit_begin<DW>(cta.units, warp) : 0;
+  const int ub = warp < DW ? warp_unit_begin<DW>(cta.units, warp + 1) : 0;
   const uint64_t pol = evict_first_policy();
-  if (warp < kDecodeWarps) {
-    unsigned char* ring = smem + p.off_stage + warp * kStages * p.slot_bytes;
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (ua + s < ub) issue_unit(p, cta, ua + s, ring + s * p.slot_bytes, pol);
-      cp_async_commit();
-    }
-    cp_async_wait<kStages - 1>();  // the x group (committed first) is complete
+  IssueCursor ic{};
+  if (warp < DW) {
+    decode_prologue(p, cta, smem, ic, ua, ub, pol);
+    qlora::cp_async_wait<kStages - 1>();  // the x group (committed first) is complete
   } else {
-    cp_async_wait<0>();
+    qlora::cp_async_wait<0>();
   }
   __syncthreads();
 
-  // 3. Main work: decode warps stream w; the lora warp computes u, then checks whether u has been announced
-  //    for this rowgroup (S == 1) and, if so, copies u_pad next to the partials.
-  if (warp < kDecodeWarps) {
-    decode_warp<T, NT>(p, cta, smem, misc, ua, ub, pol, nested_s, nested_lo, offset);
+  // 3. Main work: decode warps stream w; the lora warp computes its u jobs, then (S == 1) watches for u's
+  //    arrival on this rowgroup and copies u_pad next to the partials.
+  if (warp < DW) {
+    decode_main<T, NT>(p, cta, smem, misc, ic, ua, ub, pol, nested_s, nested_lo, offset);
   } else {
     lora_jobs<T, NT>(p, cta, smem);
     if (p.splits == 1 && cta.ntiles > 0) {
-      // Read the counter ~2 units before the decode warps finish: late enough that u is long written (it is
-      // the first thing every CTA does), early enough that the load and copy hide under the last units.
-      const int threshold = max(0, cta.units - 2 * kDecodeWarps);
-      while (*reinterpret_cast<volatile int*>(&misc->progress) < threshold) __nanosleep(256);
-      if (ld_acquire(p.rg_count + cta.rg) >= 1) {  // every lane acquires: its own u_pad loads follow
-        const int64_t u_vec = static_cast<int64_t>(p.m) * p.r_pad * 2 / 16;
-        const uint4* src = reinterpret_cast<const uint4*>(p.u_pad);
-        uint4* dst = reinterpret_cast<uint4*>(smem + p.off_u);
-        for (int64_t i = lane; i < u_vec; i += 32) dst[i] = src[i];
-        __syncwarp();
-        if (lane == 0) misc->u_in_smem = 1;
+      // Poll this rowgroup's counter from the second half of the CTA's stream until u's arrival shows up (it is
+      // written ~5 us into the launch, the stream takes ~10) or the decode warps are done (then this CTA takes
+      // the publish-and-arrive path below). The loop ends on local progress alone: it never waits on a CTA.
+      const volatile int* progress = &misc->progress;
+      while (*progress < cta.units / 2) __nanosleep(500);
+      for (;;) {
+        const bool done = *progress >= cta.units;
+        if (ld_acquire(p.rg_count + cta.rg) >= 1) {  // every lane acquires: its own u_pad loads follow
+          const int64_t u_vec = static_cast<int64_t>(p.m) * p.r_pad * 2 / 16;
+          const uint4* src = reinterpret_cast<const uint4*>(p.u_pad);
+          uint4* dst = reinterpret_cast<uint4*>(smem + p.off_u);
+          for (int64_t i = lane; i < u_vec; i += 32) dst[i] = src[i];
+          __syncwarp();
+          if (lane == 0) misc->u_in_smem = 1;
+          break;
+        }
+        if (done) break;
+        __nanosleep(1000);
       }
     }
   }
@@ -770,15 +813,15 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_gemv_kernel(const __grid_co
   for (int tl = warp; tl < cta.ntiles; tl += kWarps) {
     const int lo = tl * cta.cks, hi = lo + cta.cks;
     bool single = false;
-    for (int w = 0; w < kDecodeWarps; ++w) {
-      const int wa = warp_unit_begin(cta.units, w), wb = warp_unit_begin(cta.units, w + 1);
+    for (int w = 0; w < DW; ++w) {
+      const int wa = warp_unit_begin<DW>(cta.units, w), wb = warp_unit_begin<DW>(cta.units, w + 1);
       single |= wa < wb && wa <= lo && wb >= hi;
     }
     if (single) continue;
     float s[NT][4] = {};
-    for (int w = 0; w < kDecodeWarps; ++w) {
-      const int wa = warp_unit_begin(cta.units, w), wb = warp_unit_begin(cta.units, w + 1);
-      if (wa < hi && wb > lo) add_frag<NT>(s, warp_slot(smem, p, w, wa / cta.cks == tl ? 0 : 1, NT));
+    for (int w = 0; w < DW; ++w) {
+      const int wa = warp_unit_begin<DW>(cta.units, w), wb = warp_unit_begin<DW>(cta.units, w + 1);
+      if (wa < wb && wa < hi && wb > lo) add_frag<NT>(s, warp_slot(smem, p, w, wa / cta.cks == tl ? 0 : 1, NT));
     }
     store_frag<NT>(acc_s + tl * 32 * 4 * NT, s);
   }
@@ -843,7 +886,7 @@ GemvPlan carve(int64_t m, int64_t n, int64_t k, int64_t r, bool dq, int nt, int 
   pl.nested_cap = dq ? static_cast<int>(tcta_max * kTileRows * (k / 64) / 256 + 2) : 0;
   int64_t off = align_up(m * pl.xs_stride * 2, 128);
   pl.off_stage = static_cast<int>(off);
-  off = align_up(off + int64_t(kDecodeWarps) * kStages * slot_bytes, 128);
+  off = align_up(off + int64_t(decode_warps(nt)) * kStages * slot_bytes, 128);
   pl.off_acc = static_cast<int>(off);
   off = align_up(off + tcta_max * 32 * 4 * nt * 4, 128);
   pl.off_lora_b = static_cast<int>(off);
@@ -863,20 +906,19 @@ GemvPlan carve(int64_t m, int64_t n, int64_t k, int64_t r, bool dq, int nt, int 
   return pl;
 }
 
-// Smallest S whose x slice fits (S > 1 costs a round of partial sums through L2); with few tiles, split k
-// anyway so every SM gets work. R = SMs / S rowgroups (one CTA per SM); more only if a CTA's acc does not fit.
+// One wave first: the smallest S (k splits) whose x slice fits next to the ring with R = SMs / S rowgroups (S > 1
+// costs a round of partial sums through L2; with fewer tiles than SMs, k is split anyway so every SM gets work).
+// Only if no single-wave configuration fits (huge n: the per-CTA partials and lora_B slice outgrow smem) are
+// more rowgroups than SMs used.
 GemvPlan plan_gemv(int64_t m, int64_t n, int64_t k, int64_t r, bool dq, int nt, int slot_bytes, int num_sms,
                    int64_t smem_limit) {
   const int64_t ck = qlora_checks::ceil_div(k, kChunkK), tiles = qlora_checks::ceil_div(n, kTileRows);
-  const int64_t s_fill = tiles < num_sms ? std::max<int64_t>(1, num_sms / tiles) : 1;
-  for (int64_t S = std::min(s_fill, ck); S <= ck; ++S) {
-    int64_t R = std::max<int64_t>(1, std::min<int64_t>(tiles, num_sms / S));
-    for (;;) {
+  const int64_t s_first = std::min<int64_t>(ck, tiles < num_sms ? std::max<int64_t>(1, num_sms / tiles) : 1);
+  for (int waves = 1; waves <= 64; waves *= 2) {
+    for (int64_t S = s_first; S <= ck; ++S) {
+      const int64_t R = std::max<int64_t>(1, std::min<int64_t>(tiles, waves * num_sms / S));
       const GemvPlan pl = carve(m, n, k, r, dq, nt, slot_bytes, static_cast<int>(S), static_cast<int>(R));
       if (pl.smem <= smem_limit) return pl;
-      const GemvPlan x_only = carve(m, n, k, r, dq, nt, slot_bytes, static_cast<int>(S), static_cast<int>(tiles));
-      if (x_only.smem > smem_limit || R == tiles) break;  // only a smaller x slice (larger S) can help
-      R = std::min<int64_t>(tiles, 2 * R);
     }
   }
   TORCH_CHECK(false, "qlora_gemv: no launch configuration fits in ", smem_limit, " bytes of shared memory for m = ",
@@ -899,24 +941,21 @@ at::Tensor gemv_counters(const at::Device& device, cudaStream_t stream, int64_t 
   return t;
 }
 
-template <typename T, int NT>
-void launch_typed(const GemvParams& p, int grid, int64_t smem, cudaStream_t stream) {
-  auto kernel = qlora_gemv_kernel<T, NT>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// The one launcher: dtype x n8-tile count (m <= 8·NT).
+// The one launcher: picks the instantiation (dtype x n8-tile count, m <= 8·NT), raises the smem limit, launches
+// on the caller's stream and checks the launch. Block = decode warps + the lora warp.
 void launch_qlora_gemv(const GemvParams& p, at::ScalarType dtype, int nt, int grid, int64_t smem,
                        cudaStream_t stream) {
   const bool bf16 = dtype == at::kBFloat16;
+  void (*kernel)(GemvParams) = nullptr;
   switch (nt) {
-    case 1: bf16 ? launch_typed<__nv_bfloat16, 1>(p, grid, smem, stream) : launch_typed<__half, 1>(p, grid, smem, stream); break;
-    case 2: bf16 ? launch_typed<__nv_bfloat16, 2>(p, grid, smem, stream) : launch_typed<__half, 2>(p, grid, smem, stream); break;
-    case 4: bf16 ? launch_typed<__nv_bfloat16, 4>(p, grid, smem, stream) : launch_typed<__half, 4>(p, grid, smem, stream); break;
+    case 1: kernel = bf16 ? qlora_gemv_kernel<__nv_bfloat16, 1> : qlora_gemv_kernel<__half, 1>; break;
+    case 2: kernel = bf16 ? qlora_gemv_kernel<__nv_bfloat16, 2> : qlora_gemv_kernel<__half, 2>; break;
+    case 4: kernel = bf16 ? qlora_gemv_kernel<__nv_bfloat16, 4> : qlora_gemv_kernel<__half, 4>; break;
     default: TORCH_CHECK(false, "qlora_gemv: unsupported n8 tile count ", nt);
   }
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<grid, (decode_warps(nt) + 1) * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void check_aligned(const char* name, const void* ptr, int64_t bytes) {
@@ -981,6 +1020,9 @@ std::tuple<at::Tensor, at::Tensor> qlora_gemv_cuda(const at::Tensor& x, const at
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int64_t smem_limit = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
   const GemvPlan pl = plan_gemv(m, n, k, r, dq, nt, slot_bytes, prop->multiProcessorCount, smem_limit);
+  // Block indices inside a CTA are 32-bit offsets from its first block (see decode_enter_tile).
+  TORCH_CHECK(ceil_div(ceil_div(n, kTileRows), pl.rowgroups) * kTileRows * (k / 64) + 512 < (int64_t(1) << 30), op,
+              ": weight too large for the decode path (one CTA would span 2^30 NF4 blocks)");
 
   const int64_t ck = ceil_div(k, kChunkK), tiles = ceil_div(n, kTileRows);
   const int64_t utiles = ceil_div(r, 16), r_pad = utiles * 16;
@@ -1021,9 +1063,9 @@ std::tuple<at::Tensor, at::Tensor> qlora_gemv_cuda(const at::Tensor& x, const at
   p.splits = pl.splits;
   p.rowgroups = pl.rowgroups;
   p.xs_stride = pl.xs_stride;
+  p.tail_segs = static_cast<int>((k - (ck - 1) * kChunkK) / 32);
   p.slot_bytes = slot_bytes;
   p.abs_bytes = abs_bytes;
-  p.nested_cap = pl.nested_cap;
   p.off_stage = pl.off_stage;
   p.off_acc = pl.off_acc;
   p.off_lora_b = pl.off_lora_b;
@@ -1038,6 +1080,7 @@ std::tuple<at::Tensor, at::Tensor> qlora_gemv_cuda(const at::Tensor& x, const at
   p.dropout_scale = p.dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
   p.dropout_key = dropout_key(seed);
   p.dropout_thresh = dropout_threshold(dropout_p);
+  p.k3210 = 0x32103210u;
 
   // Ask for more than half the SM's smem so two CTAs never share an SM (grid = S·R <= #SMs is sized for one each).
   const int64_t smem = std::min(smem_limit, std::max<int64_t>(pl.smem, smem_limit / 2 + 128));

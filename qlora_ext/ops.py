@@ -10,7 +10,9 @@ On the CUDA side each GEMM op has two implementations (``QLORA_EXT_PATH`` picks 
 ``fused`` — the portable mma.sync kernels that decode NF4 inside the GEMM mainloop (forward in one launch,
 backward in two); ``decode_gemm`` — NF4 decoded one L2-sized slab of rows at a time into a reusable buffer and
 multiplied by cuBLAS (never a weight-sized temporary), with the LoRA terms as skinny cuBLAS GEMMs and the
-dropout mask from the same counter hash. ``auto`` takes decode_gemm on Hopper for m >= 4096, where the mma.sync kernels reach only a quarter of
+dropout mask from the same counter hash. ``gemv`` — an experimental split-k decode
+kernel for the forward at m <= 32 (opt-in only, not yet validated on a GPU). ``auto`` takes decode_gemm on
+Hopper for m >= 4096, where the mma.sync kernels reach only a quarter of
 the tensor-core rate of cuBLAS's wgmma kernels, and the fused kernels otherwise: below that the slab loop's
 host overhead (~1 ms per layer call, measured on an H200) costs more than the fused kernels lose
 (bench/NOTES.md has the measurements).
@@ -88,7 +90,7 @@ def _gemm_fast_path(x: Tensor, lora_A: Tensor, blocksize: int) -> bool:
     return True
 
 
-_PATHS = ("auto", "fused", "decode_gemm")
+_PATHS = ("auto", "fused", "decode_gemm", "gemv")
 # Rows of w decoded per cuBLAS call: ~4M elements (8 MiB in bf16) stays resident in the 50-60 MB L2 of an
 # A100/H100/H200 between the decode and the GEMM that reads it. A multiple of 256 rows keeps each slab's first
 # NF4 block at a nested-absmax group boundary (256 rows · k/64 blocks per row, k % 64 == 0), so slabs of the
@@ -98,15 +100,24 @@ _SLAB_ROW_MULTIPLE = 256
 # H200, 4096→14336 fwd: decode_gemm 1.18 ms vs fused 1.32 ms at m=2048 (fwd+bwd 3.46 vs 3.19), but 1.59 ms vs
 # cuBLAS 1.38 ms at m=8192 where the fused kernel is ~4x cuBLAS: the crossover lies between, at about 4096.
 _DECODE_GEMM_MIN_M = 4096
+_GEMV_MAX_M = 32
 
 
-def _use_decode_gemm(x: Tensor) -> bool:
+def _cuda_path(x: Tensor, forward: bool) -> str:
+    """Which CUDA implementation runs this call: QLORA_EXT_PATH, or the measured policy under "auto".
+
+    "gemv" (the split-k decode kernel for 1 <= m <= 32, forward only) is opt-in and experimental: it compiles
+    and has GPU tests, but has not yet been run on a GPU; calls it does not cover take the fused kernels."""
     path = os.environ.get("QLORA_EXT_PATH", "auto")
     if path not in _PATHS:
         raise ValueError(f"QLORA_EXT_PATH must be one of {_PATHS}, got {path!r}")
+    if path == "gemv":
+        return "gemv" if forward and 1 <= x.shape[0] <= _GEMV_MAX_M else "fused"
     if path != "auto":
-        return path == "decode_gemm"
-    return x.shape[0] >= _DECODE_GEMM_MIN_M and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        return path
+    if x.shape[0] >= _DECODE_GEMM_MIN_M and torch.cuda.get_device_capability(x.device) >= (9, 0):
+        return "decode_gemm"
+    return "fused"
 
 
 def _decoded_slabs(w_nf4, absmax, code, nested_absmax, nested_code, offset, n, k, dtype):
@@ -245,7 +256,12 @@ def qlora_linear(x: Tensor, w_nf4: Tensor, absmax: Tensor, code: Tensor, nested_
 def _(x, w_nf4, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, bias, scaling, dropout_p, seed,
       blocksize):
     if _kernels_enabled() and _gemm_fast_path(x, lora_A, blocksize):
-        if _use_decode_gemm(x):
+        path = _cuda_path(x, forward=True)
+        if path == "gemv":
+            return _C.qlora_gemv_cuda(x.contiguous(), w_nf4, absmax, code, nested_absmax, nested_code, offset,
+                                      lora_A.contiguous(), lora_B.contiguous(), bias, scaling, dropout_p,
+                                      _seed_int(seed), blocksize)
+        if path == "decode_gemm":
             return _decode_gemm_forward(x.contiguous(), w_nf4, absmax, code, nested_absmax, nested_code, offset,
                                         lora_A, lora_B, bias, scaling, dropout_p, _seed_int(seed))
         return _C.qlora_fwd_cuda(x.contiguous(), w_nf4, absmax, code, nested_absmax, nested_code, offset,
@@ -279,7 +295,7 @@ def _(dy, x, u, w_nf4, absmax, code, nested_absmax, nested_code, offset, lora_A,
     if _kernels_enabled() and _gemm_fast_path(x, lora_A, blocksize):
         # Two launches (ARCHITECTURE §4): dx and g = s·dy·lora_B from one kernel, then dA and dB from one kernel.
         dy, x, u = dy.contiguous(), x.contiguous(), u.contiguous()
-        if _use_decode_gemm(x):
+        if _cuda_path(x, forward=False) == "decode_gemm":
             return _decode_gemm_backward(dy, x, u, w_nf4, absmax, code, nested_absmax, nested_code, offset,
                                          lora_A, lora_B, scaling, dropout_p, _seed_int(seed))
         dx, g = _C.qlora_bwd_dx_cuda(dy, w_nf4, absmax, code, nested_absmax, nested_code, offset,

@@ -2,7 +2,7 @@
 
 Shapes are chosen to hit the edge paths: m and n tails that are not tile multiples, r not a multiple of 16,
 dropout on, bias on, both activation dtypes, double quant on and off, and both CUDA implementations of the GEMM
-ops (QLORA_EXT_PATH=fused / decode_gemm, see qlora_ext/ops.py)."""
+ops (QLORA_EXT_PATH=fused / decode_gemm / gemv, see qlora_ext/ops.py)."""
 import itertools
 import os
 
@@ -15,7 +15,7 @@ assert qlora_ext.has_cuda_kernels(), "built without CUDA kernels"
 seed = torch.tensor(7, dtype=torch.int64)
 SHAPES = ((1, 64, 33, 3), (37, 192, 130, 16), (130, 128, 257, 40))  # (m, k, n, r)
 for path, dtype, double_quant, (m, k, n, r) in itertools.product(
-        ("fused", "decode_gemm"), (torch.bfloat16, torch.float16), (True, False), SHAPES):
+        ("fused", "decode_gemm", "gemv"), (torch.bfloat16, torch.float16), (True, False), SHAPES):
     os.environ["QLORA_EXT_PATH"] = path
     wq = qlora_ext.quantize_nf4(torch.randn(n, k, device="cuda", dtype=dtype), double_quant=double_quant)
     wq.dequantize(dtype)

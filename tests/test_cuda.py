@@ -26,9 +26,10 @@ def _kernels_required(monkeypatch):
     monkeypatch.delenv("QLORA_EXT_FORCE_REFERENCE", raising=False)
 
 
-@pytest.fixture(params=["fused", "decode_gemm"])
+@pytest.fixture(params=["fused", "decode_gemm", "gemv"])
 def kernel_path(request, monkeypatch):
-    """Both CUDA implementations of the GEMM ops (qlora_ext/ops.py): fused mma.sync kernels, decode + cuBLAS."""
+    """Every CUDA implementation of the GEMM ops (qlora_ext/ops.py): fused mma.sync kernels, decode + cuBLAS,
+    and the small-m decode kernel (forward at m <= 32; other calls of that run take the fused kernels)."""
     monkeypatch.setenv("QLORA_EXT_PATH", request.param)
     return request.param
 
