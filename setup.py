@@ -183,7 +183,7 @@ def find_cutlass_includes():
         roots.append(Path(env))
     spec = importlib.util.find_spec("cutlass_library")
     if spec is not None and spec.submodule_search_locations:
-        roots.append(Path(list(spec.submodule_search_locations)[0]) / "source")
+        roots.append(Path(next(iter(spec.submodule_search_locations))) / "source")
     for root in roots:
         if (root / "include" / "cute" / "tensor.hpp").is_file():
             dirs = [root / "include", root / "tools" / "util" / "include"]

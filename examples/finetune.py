@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 DATA = Path(__file__).resolve().parent / "data" / "lighthouse_almanac.txt"
 # Per-device defaults: (layers, hidden, intermediate, heads, kv_heads, seq, batch, steps, lr).
 # GPU: TinyLlama-1.1B's layer shapes (every K a multiple of 64, the fused kernels' fast path).
-GPU_DEFAULTS = dict(layers=4, hidden=2048, intermediate=5632, heads=32, kv_heads=4, seq=512, batch=8, steps=200,
-                    lr=2e-4)
-CPU_DEFAULTS = dict(layers=2, hidden=128, intermediate=384, heads=4, kv_heads=2, seq=128, batch=8, steps=40,
-                    lr=2e-3)
+GPU_DEFAULTS = {"layers": 4, "hidden": 2048, "intermediate": 5632, "heads": 32, "kv_heads": 4, "seq": 512,
+                "batch": 8, "steps": 200, "lr": 2e-4}
+CPU_DEFAULTS = {"layers": 2, "hidden": 128, "intermediate": 384, "heads": 4, "kv_heads": 2, "seq": 128,
+                "batch": 8, "steps": 40, "lr": 2e-3}
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU intra-op threads (default on CPU: 1; the tiny CPU model's "
+                   "matrices are too small for threads to pay for their synchronization)")
     p.add_argument("--data", type=Path, default=DATA, help="a UTF-8 text file")
     p.add_argument("--log-json", type=Path, help="write the per-step losses and the summary here")
     return p.parse_args()
@@ -64,10 +66,16 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    if args.steps < 1 or args.batch < 1 or args.seq < 2:
+        raise SystemExit("--steps and --batch must be >= 1, --seq >= 2")
     if args.hidden != defaults["hidden"]:  # a custom width: keep the Llama proportions
         args.intermediate = 64 * math.ceil(args.hidden * 8 / 3 / 64)
         args.heads = max(1, args.hidden // 64)
         args.kv_heads = max(1, args.heads // 4)
+    if args.device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
     args.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")]
     return args
@@ -124,12 +132,7 @@ def attach_qlora_ext(model: nn.Module, args: argparse.Namespace) -> tuple[nn.Mod
     import qlora_ext
 
     names = decoder_linears(model)
-    apply = getattr(qlora_ext, "apply", None)
-    if apply is None:
-        try:
-            from qlora_ext.peft_compat import apply
-        except ImportError:
-            apply = None
+    apply = getattr(qlora_ext, "apply", None)  # model surgery, qlora_ext/peft_compat.py
     if apply is not None:
         apply(model, r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
               target_modules="all-linear")
@@ -164,6 +167,8 @@ def attach_bnb_peft(model: nn.Module, args: argparse.Namespace) -> tuple[nn.Modu
                               compute_dtype=args.dtype, compress_statistics=True, quant_type="nf4")
         q.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4",
                                      compress_statistics=True)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         setattr(model.get_submodule(parent), child, q.to(args.device))
     model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                              target_modules="all-linear"))
