@@ -74,3 +74,20 @@ def test_compiled_module_has_no_graph_breaks():
     x = torch.randn(2, 5, 128, requires_grad=True)
     compiled(x).sum().backward()
     assert layer.lora_A.grad is not None and x.grad is not None
+
+
+def test_cuda_path_rejects_an_unknown_choice(monkeypatch):
+    """QLORA_EXT_PATH is read per call; a typo must fail loudly instead of silently picking a path."""
+    from qlora_ext import ops as qops
+    monkeypatch.setenv("QLORA_EXT_PATH", "cutlass")
+    with pytest.raises(ValueError, match="QLORA_EXT_PATH must be one of"):
+        qops._cuda_path(torch.empty(4, 64), forward=True)
+
+
+@pytest.mark.parametrize("m,forward,expected", [(1, True, "gemv"), (32, True, "gemv"), (33, True, "fused"),
+                                                (16, False, "fused")],
+                         ids=["m1-fwd", "m32-fwd", "m33-fwd", "m16-bwd"])
+def test_gemv_path_covers_only_small_m_forward(monkeypatch, m, forward, expected):
+    from qlora_ext import ops as qops
+    monkeypatch.setenv("QLORA_EXT_PATH", "gemv")
+    assert qops._cuda_path(torch.empty(m, 64), forward=forward) == expected
