@@ -261,4 +261,6 @@ def test_module_3d_and_poisoned_outputs_match_reference():
     finally:
         os.environ.pop("QLORA_EXT_FORCE_REFERENCE")
     assert y.shape == (2, 37, 384)
+    # Both are bf16 results of the same math (each within ~2^-9 relative of exact per element, so ~4e-3 in norm);
+    # 1e-2 bounds their difference with room, and a wrong flatten/reshape would be O(1).
     assert rel_err(y, y_ref) < 1e-2
