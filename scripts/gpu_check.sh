@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One GPU session in one command: build for the local GPU, run the GPU tests, the sanitizers and the benchmarks,
-# and leave every log and result under $OUT (bundled into $OUT/gpu_check.tgz, since a device call returns at
-# most 8 files). A short table is printed last.
+# One GPU check in one command: build in place for the local GPU, run the GPU tests, compute-sanitizer over every
+# kernel, the decode + cuBLAS probe and the benchmarks; every log and result lands under $OUT (bundled into
+# $OUT/gpu_check.tgz) and a short table is printed last.
 #
-#   STAGES="build test sanitize bench" bash scripts/gpu_check.sh      # default: all four
-#   STAGES="bench" BENCH_ARGS="--bench-full" bash scripts/gpu_check.sh
+#   STAGES="build test sanitize probe bench" bash scripts/gpu_check.sh      # default: all five
+#   STAGES="build bench" BENCH_ARGS="-m layer --bench-shapes 4096x14336" bash scripts/gpu_check.sh
 #
 # Env: OUT (results folder, default ./gpu_out), TORCH_CUDA_ARCH_LIST (default 9.0a), MAX_JOBS (default: all
 # cores), PYTEST_ARGS (extra args for the test stage), BENCH_ARGS (extra args for `pytest bench/`).
@@ -13,12 +13,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
-STAGES=${STAGES:-build test sanitize bench}
+STAGES=${STAGES:-build test sanitize probe bench}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the in-place build: scripts import the tree
-[ -f .devdeps/activate.sh ] && source .devdeps/activate.sh
 PY=${PYTHON:-python3}
 summary=$LOGS/summary.txt
 : > "$summary"
@@ -29,7 +28,7 @@ stage() {  # stage NAME CMD...: run, log to $LOGS/NAME.log, record status and se
   echo "=== $name: $*" | tee -a "$LOGS/$name.log"
   "$@" >> "$LOGS/$name.log" 2>&1
   local rc=$?
-  printf '%-10s rc=%-3s %5ss\n' "$name" "$rc" "$((SECONDS - t0))" | tee -a "$summary"
+  printf '%-16s rc=%-3s %5ss\n' "$name" "$rc" "$((SECONDS - t0))" | tee -a "$summary"
   return $rc
 }
 
@@ -39,17 +38,22 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
   "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } > "$LOGS/env.log" 2>&1
 
 if has build; then
-  # In-place build: the tests import the tree itself, and ignored build outputs survive between warm calls.
   stage build $PY setup.py build_ext --inplace
-  grep -E "registers|spill|stack" "$LOGS/build.log" > "$LOGS/ptxas.txt" 2>/dev/null
+  grep -E "registers|spill|stack frame" "$LOGS/build.log" > "$LOGS/ptxas.txt" 2>/dev/null
 fi
 if has test; then
   stage test $PY -m pytest tests -q -rs -p no:cacheprovider --durations=15 ${PYTEST_ARGS:-}
 fi
 if has sanitize; then
-  for tool in memcheck racecheck initcheck; do
-    stage "san_$tool" compute-sanitizer --tool "$tool" --error-exitcode 3 $PY scripts/sanitize_kernels.py
+  for tool in memcheck racecheck initcheck synccheck; do
+    stage "san_$tool" compute-sanitizer --tool "$tool" --print-limit 20 --error-exitcode 3 \
+      $PY scripts/sanitize_kernels.py
   done
+  stage san_initcheck_cublas compute-sanitizer --tool initcheck --print-limit 5 --error-exitcode 3 \
+    $PY scripts/sanitize_kernels.py --cublas-control
+fi
+if has probe; then
+  stage probe $PY scripts/probe_decode_gemm.py
 fi
 if has bench; then
   stage bench $PY -m pytest bench -q -p no:cacheprovider --bench-out "$OUT/bench" ${BENCH_ARGS:-}
@@ -57,7 +61,8 @@ fi
 
 tail -n 3 "$LOGS/test.log" 2>/dev/null
 grep -E "^(FAILED|ERROR)" "$LOGS/test.log" 2>/dev/null | head -40
-grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS"/san_*.log 2>/dev/null
-[ -f "$OUT/bench/RESULTS.md" ] && head -c 6000 "$OUT/bench/RESULTS.md"
+grep -HE "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_kernels:" "$LOGS"/san_*.log 2>/dev/null
+grep -vE '^\{' "$LOGS/probe.log" 2>/dev/null
+[ -f "$LOGS/bench.log" ] && tail -n 40 "$LOGS/bench.log"
 tar -C "$OUT" -czf "$OUT/gpu_check.tgz" logs $( [ -d "$OUT/bench" ] && echo bench ) && rm -rf "$LOGS" "$OUT/bench"
 echo "--- summary"; tar -xzOf "$OUT/gpu_check.tgz" logs/summary.txt

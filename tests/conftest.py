@@ -1,4 +1,4 @@
-"""Shared test helpers: the error metric and ratio rule of ARCHITECTURE.md §6, and the CUDA skip marker."""
+"""Shared test helpers: the error metric and ratio rule of docs/design.md §7, and the CUDA skip marker."""
 import pytest
 import torch
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import qlora_ext
+from qlora_ext import policy
 from qlora_ext import reference
 from qlora_ext.nf4 import quantize_nf4
 
@@ -76,18 +77,44 @@ def test_compiled_module_has_no_graph_breaks():
     assert layer.lora_A.grad is not None and x.grad is not None
 
 
-def test_cuda_path_rejects_an_unknown_choice(monkeypatch):
+def test_forced_path_rejects_an_unknown_choice(monkeypatch):
     """QLORA_EXT_PATH is read per call; a typo must fail loudly instead of silently picking a path."""
-    from qlora_ext import ops as qops
     monkeypatch.setenv("QLORA_EXT_PATH", "cutlass")
     with pytest.raises(ValueError, match="QLORA_EXT_PATH must be one of"):
-        qops._cuda_path(torch.empty(4, 64), forward=True)
+        policy.forced_path()
+    with pytest.raises(ValueError, match="override: path must be one of"):
+        with policy.override("cutlass"):
+            pass
 
 
-@pytest.mark.parametrize("m,forward,expected", [(1, True, "gemv"), (32, True, "gemv"), (33, True, "fused"),
-                                                (16, False, "fused")],
+@pytest.mark.parametrize("m,forward,expected", [(1, True, True), (32, True, True), (33, True, False),
+                                                (16, False, False)],
                          ids=["m1-fwd", "m32-fwd", "m33-fwd", "m16-bwd"])
-def test_gemv_path_covers_only_small_m_forward(monkeypatch, m, forward, expected):
-    from qlora_ext import ops as qops
-    monkeypatch.setenv("QLORA_EXT_PATH", "gemv")
-    assert qops._cuda_path(torch.empty(m, 64), forward=forward) == expected
+def test_gemv_serves_only_small_m_forward(m, forward, expected):
+    assert policy.supports("gemv", m, forward) is expected
+    assert policy.supports("fused", m, forward) and policy.supports("decode_gemm", m, forward)
+
+
+def test_override_beats_the_environment_and_restores(monkeypatch):
+    monkeypatch.setenv("QLORA_EXT_PATH", "decode_gemm")
+    assert policy.forced_path() == "decode_gemm"
+    with policy.override("gemv"):
+        assert policy.forced_path() == "gemv"
+        with policy.override("auto"):
+            assert policy.forced_path() is None
+    assert policy.forced_path() == "decode_gemm"
+
+
+def test_policy_table_is_valid_and_covers_every_shape_class():
+    """Every rule names known paths (validated on load) and, for the fallback cc "*" and each measured cc, every
+    shape class has an open-ended rule, so no (cc, shape, m) key can miss the table."""
+    rules = policy.table()
+    for cc in {r.cc for r in rules}:
+        for cls in ("small", "expand", "reduce"):
+            assert any(r.cc == cc and r.shape_class == cls and r.m_max is None for r in rules), (cc, cls)
+
+
+@pytest.mark.parametrize("n,k,expected", [(4096, 4096, "small"), (1024, 4096, "small"), (14336, 4096, "expand"),
+                                          (4096, 14336, "reduce"), (8192, 8192, "expand"), (8192, 28672, "reduce")])
+def test_shape_classes_of_the_llama_layers(n, k, expected):
+    assert policy.shape_class(n, k) == expected

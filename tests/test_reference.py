@@ -1,6 +1,6 @@
 """qlora_ext.reference — the spec the CUDA kernels are tested against — checked against float64 math.
 
-Two bounds per output (ARCHITECTURE.md §6), error = ‖out − ref64‖ / ‖ref64‖:
+Two bounds per output (docs/design.md §7), error = ‖out − ref64‖ / ‖ref64‖:
 - ratio rule: err(reference) ≤ 2·err(the same math in PyTorch, in the input dtype) + tiny;
 - absolute: err(reference) ≤ 2·eps(dtype). The reference accumulates in fp32 (error ~k·2⁻²⁴, negligible) and
   rounds to the dtype at three points: the output (≤ eps/2 relative), and the saved intermediates u / g and
@@ -215,7 +215,7 @@ def fmix32_int(h):
 
 
 def hash_int(seed, idx):
-    """contract.md's mask hash, written directly from its text."""
+    """The mask hash of docs/design.md §3, written directly from its text."""
     key = fmix32_int((seed & 0xFFFFFFFF) ^ fmix32_int((((seed >> 32) & 0xFFFFFFFF) + 0x9E3779B9) & 0xFFFFFFFF))
     return fmix32_int(fmix32_int((idx & 0xFFFFFFFF) ^ key) ^ ((idx >> 32) & 0xFFFFFFFF))
 
@@ -267,7 +267,7 @@ def test_dropout_values(dtype):
     x = torch.randn(16, 128, generator=torch.Generator().manual_seed(19)).to(dtype)
     out = reference.dropout(x, SEED, p)
     keep = reference.dropout_mask(SEED, 16, 128, p)
-    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)  # fp32(1/(1-p)), per contract.md
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)  # fp32(1/(1-p)), per docs/design.md §3
     assert torch.equal(out[keep], (x.float() * scale).to(dtype)[keep])
     assert bool((out[~keep] == 0).all())
 
