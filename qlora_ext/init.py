@@ -31,7 +31,7 @@ _PISSA_NITER_PREFIX = "pissa_niter_"
 def _check_weight(weight: Tensor, r: int) -> tuple[int, int]:
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"init: weight must be a 2-D float tensor [n, k], got {weight.dtype} {tuple(weight.shape)}")
-    if not isinstance(r, int) or r < 1:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:  # bool is an int subclass: True is no rank
         raise ValueError(f"init: r must be a positive int, got {r!r}")
     n, k = weight.shape
     return n, k

@@ -81,6 +81,11 @@ class NF4Weight:
 
     def to(self, device) -> "NF4Weight":
         """A copy on ``device``; dtypes never change (the codes are bytes, the scales fp32)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"NF4Weight.to takes a device, got the dtype {device}: the NF4 storage has fixed dtypes "
+                            f"(uint8 codes, fp32 scales). For {device} values call dequantize({device}); for a "
+                            f"QLoRALinear, layer.to({device}) casts its adapters and keeps this base as it is")
+
         def move(t):
             return None if t is None else t.to(device)
 
@@ -88,6 +93,13 @@ class NF4Weight:
                          move(self.nested_code), move(self.offset), self.shape, self.dtype, self.blocksize)
 
     # ---- bitsandbytes interchange -----------------------------------------------------------------------------
+    @staticmethod
+    def state_dict_keys(prefix: str = "weight") -> frozenset:
+        """Every key state_dict(prefix) can write (with and without double quant): the keys that belong to the
+        base, so that a loader can tell them from keys that belong to nothing."""
+        suffixes = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", _QUANT_STATE_KEY)
+        return frozenset([prefix] + [f"{prefix}.{suffix}" for suffix in suffixes])
+
     def _quant_state_json(self) -> dict:
         """The non-tensor quant-state items, in the key order bnb's QuantState.as_dict writes them."""
         items = {
@@ -204,6 +216,9 @@ def _as_bnb_packed(packed: torch.Tensor, shape) -> torch.Tensor:
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize a [n, k] weight to NF4 on its device (bnb's format and rounding, see qlora_ext/reference.py)."""
+    # The storage is frozen data: quantizing a Parameter must not tie it to the Parameter's autograd graph (a
+    # layer built on it could not backward, and deepcopy refuses non-leaf tensors).
+    w = w.detach()
     reference.check_quantize_input(w, blocksize)
     w_nf4, absmax, nested_absmax, offset = _op("quantize_nf4")(w, blocksize, double_quant)
     nested_code = reference.dynamic_map_signed(w.device) if double_quant else None

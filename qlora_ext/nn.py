@@ -10,6 +10,7 @@ checkpoint moves between this layer and bnb's Linear4bit unchanged.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -22,7 +23,10 @@ __all__ = ["QLoRALinear"]
 
 
 class QLoRALinear(nn.Module):
-    """Linear layer with a frozen NF4 base and a LoRA adapter, forward and backward through fused kernels."""
+    """Linear layer with a frozen NF4 base and a LoRA adapter, forward and backward through fused kernels.
+
+    It computes in the input's dtype, or under autocast, like nn.Linear, in the autocast dtype (the adapters are
+    cast to it and stay in their own dtype as parameters)."""
 
     def __init__(self, weight_nf4: NF4Weight, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
                  use_rslora: bool = False, bias: Optional[Tensor] = None, init: str = "kaiming",
@@ -30,8 +34,11 @@ class QLoRALinear(nn.Module):
                  init_weight: Optional[Tensor] = None):
         super().__init__()
         n, k = weight_nf4.shape
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"QLoRALinear: r must be a positive int, got {r!r}")
+        # bool is an int subclass: r=True would silently become a rank-1 adapter.
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+            raise ValueError(f"QLoRALinear: r (the adapter rank) must be a positive int, got {r!r} "
+                             f"({type(r).__name__})")
+        r = int(r)
         if r > min(n, k):
             raise ValueError(f"QLoRALinear: r={r} exceeds min(n, k)={min(n, k)} for a [{n}, {k}] weight")
         if not 0.0 <= lora_dropout < 1.0:
@@ -93,20 +100,37 @@ class QLoRALinear(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"QLoRALinear: input must have last dim k={self.in_features}, got {tuple(x.shape)}")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"QLoRALinear: input must be a torch.Tensor, got {type(x).__name__}; convert it first "
+                            f"(e.g. torch.from_numpy(x).to(device))")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"QLoRALinear: input must have at least 1 dim and last dim k={self.in_features} "
+                             f"(in_features), got shape {tuple(x.shape)}")
         if x.device != self.lora_A.device:
             raise ValueError(f"QLoRALinear: input is on device {x.device} but the layer is on {self.lora_A.device}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        device_type = x.device.type
         dtype = x.dtype
+        # Under autocast, compute like nn.Linear does: in the autocast dtype (on CUDA that is also what the kernels
+        # take). The adapters stay fp32 master weights; their gradients come back fp32 through the casts below.
+        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        if autocast and x.is_floating_point():
+            dtype = torch.get_autocast_dtype(device_type)
+        x2 = x.reshape(-1, self.in_features).to(dtype)
         p = self.lora_dropout if self.training else 0.0
         # A fresh dropout seed per call; drawn as a tensor so a compiled graph keeps drawing new ones.
         seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else self._zero_seed()
         bias = self.bias.to(dtype) if self.bias is not None else None
-        y, _ = torch.ops.qlora_ext.qlora_linear(x2, *self.weight_nf4.op_args(), self.lora_A.to(dtype),
-                                                self.lora_B.to(dtype), bias, self.scaling, p, seed,
-                                                self.weight_nf4.blocksize)
+        args = (x2, *self.weight_nf4.op_args(), self.lora_A.to(dtype), self.lora_B.to(dtype), bias, self.scaling, p,
+                seed, self.weight_nf4.blocksize)
+        if autocast:
+            # The inputs are cast already. Autocast must not reach inside the op: its reference implementation
+            # computes in fp32 on purpose (the spec the kernels match), and autocast would run those matmuls in
+            # the low-precision dtype.
+            with torch.autocast(device_type, enabled=False):
+                y, _ = torch.ops.qlora_ext.qlora_linear(*args)
+        else:
+            y, _ = torch.ops.qlora_ext.qlora_linear(*args)
         return y.reshape(*lead, self.out_features)
 
     @staticmethod
@@ -146,7 +170,10 @@ class QLoRALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        base_keys = [key for key in state_dict if key == prefix + "weight" or key.startswith(prefix + "weight.")]
+        # Only the keys the NF4 format defines are the base's; any other `weight.*` key goes on to the parent,
+        # which reports it as unexpected (under strict loading, an error) instead of it being silently dropped.
+        known = NF4Weight.state_dict_keys(prefix + "weight")
+        base_keys = [key for key in state_dict if key in known]
         if base_keys:
             loaded = NF4Weight.from_state_dict({key: state_dict[key] for key in base_keys}, prefix=prefix + "weight")
             if tuple(loaded.shape) != tuple(self.weight_nf4.shape):
@@ -156,8 +183,8 @@ class QLoRALinear(nn.Module):
                 self.weight_nf4 = loaded.to(self.weight_nf4.packed.device)
         elif strict:
             missing_keys.append(prefix + "weight")
-        rest = {key: value for key, value in state_dict.items() if key not in base_keys}
-        # The base keys are consumed above; the parent handles lora_A, lora_B and bias.
+        rest = {key: value for key, value in state_dict.items() if key not in known}
+        # The base keys are consumed above; the parent handles lora_A, lora_B and bias, and reports the rest.
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

@@ -12,6 +12,7 @@ stays inside a compiled graph instead of becoming a Python constant (which would
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -26,6 +27,14 @@ _NESTED_BLOCKSIZE = 256
 
 def seed_int(seed: Tensor) -> int:
     return int(seed.item())
+
+
+def autocast_off(device: torch.device):
+    """The ops compute in their inputs' dtypes by contract (the reference is the spec the kernels match); an
+    enclosing autocast region must not re-cast the matmuls inside them (e.g. when backward runs under autocast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -83,8 +92,9 @@ def qlora_linear(x: Tensor, w_nf4: Tensor, absmax: Tensor, code: Tensor, nested_
                  blocksize: int) -> tuple[Tensor, Tensor]:
     """(y, u): y = x·wᵀ + s·u·lora_Bᵀ + bias, u = dropout(x)·lora_Aᵀ (saved for backward).
     x [m, k]; lora_A [r, k]; lora_B [n, r]; seed: 0-d int64 CPU tensor. Twin: reference.qlora_linear."""
-    return reference.qlora_linear(x, w_nf4, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, bias,
-                                  scaling, dropout_p, seed_int(seed), blocksize)
+    with autocast_off(x.device):
+        return reference.qlora_linear(x, w_nf4, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B,
+                                      bias, scaling, dropout_p, seed_int(seed), blocksize)
 
 
 @qlora_linear.register_fake
@@ -101,8 +111,9 @@ def qlora_linear_backward(dy: Tensor, x: Tensor, u: Tensor, w_nf4: Tensor, absma
                           blocksize: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB) of qlora_linear for upstream gradient dy [m, n]; w is never materialized on the CUDA path.
     Twin: reference.qlora_linear_backward."""
-    return reference.qlora_linear_backward(dy, x, u, w_nf4, absmax, code, nested_absmax, nested_code, offset,
-                                           lora_A, lora_B, scaling, dropout_p, seed_int(seed), blocksize)
+    with autocast_off(x.device):
+        return reference.qlora_linear_backward(dy, x, u, w_nf4, absmax, code, nested_absmax, nested_code, offset,
+                                               lora_A, lora_B, scaling, dropout_p, seed_int(seed), blocksize)
 
 
 @qlora_linear_backward.register_fake

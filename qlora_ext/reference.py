@@ -53,7 +53,8 @@ Dequantization (``dequantize_nf4``), bit-exact with bnb's dequantize_4bit, no FM
    ``w = out_dtype(fp32(NF4[nibble] * scale[b]))``  (round to nearest even).
 
 Dropout mask: the counter hash of contract.md, evaluated in int64 tensor arithmetic (32x32-bit products
-are split into 16-bit halves so no intermediate reaches 2^63).
+are split into 16-bit halves so no intermediate reaches 2^63), over chunks of rows so that the int64
+temporaries stay small (each element's bit depends on its index alone, not on the chunking).
 
 LoRA math (ARCHITECTURE.md section 1), s = ``scaling``, p = ``dropout_p``, d(x) = ``dropout(x, seed, p)``:
    u = d(x)·Aᵀ;  y = x·wᵀ + s·u·Bᵀ + bias;  g = s·dy·B;  dx = dy·w + (g·A) ⊙ mask/(1-p);
@@ -295,21 +296,53 @@ def _dropout_threshold(p: float) -> int:
     return min(math.floor(p * 2**32), 2**32 - 1)
 
 
-def dropout_hash(seed: int, idx: torch.Tensor) -> torch.Tensor:
-    """The uint32 hash (as int64) of element index idx = row * k + col (int64 tensor, >= 0) under ``seed``."""
+# Elements hashed per step. The hash runs in int64 with several live temporaries; over the whole [m, k] at once
+# they would take 8 bytes per element each (+2.5 GB at 8192 x 4096), while row chunks of ~256K elements keep them
+# at a few MB. The mask bits do not depend on the chunking: each element's hash depends on its index alone.
+_DROPOUT_CHUNK_ELEMS = 2**18
+
+
+def _dropout_key(seed: int) -> int:
+    """The per-seed key mixed into every element hash."""
     seed = int(seed)
     seed_hi = torch.tensor((seed >> 32) & _U32, dtype=torch.int64)
-    key = int(_fmix32(torch.tensor(seed & _U32, dtype=torch.int64) ^ _fmix32((seed_hi + 0x9E3779B9) & _U32)))
+    return int(_fmix32(torch.tensor(seed & _U32, dtype=torch.int64) ^ _fmix32((seed_hi + 0x9E3779B9) & _U32)))
+
+
+def _keyed_hash(key: int, idx: torch.Tensor) -> torch.Tensor:
     return _fmix32(_fmix32((idx & _U32) ^ key) ^ (idx >> 32))
 
 
+def dropout_hash(seed: int, idx: torch.Tensor) -> torch.Tensor:
+    """The uint32 hash (as int64) of element index idx = row * k + col (int64 tensor, >= 0) under ``seed``."""
+    return _keyed_hash(_dropout_key(seed), idx)
+
+
+def _row_chunks(m: int, k: int):
+    """(row0, row1) ranges covering rows 0..m, each of at most _DROPOUT_CHUNK_ELEMS elements (one row at least)."""
+    rows = max(1, _DROPOUT_CHUNK_ELEMS // max(k, 1))
+    for row0 in range(0, m, rows):
+        yield row0, min(m, row0 + rows)
+
+
+def _keep_rows(key: int, threshold: int, row0: int, row1: int, k: int, device) -> torch.Tensor:
+    """bool [row1 - row0, k]: rows row0..row1 of the keep mask."""
+    idx = torch.arange(row0 * k, row1 * k, dtype=torch.int64, device=device)  # = row * k + col, row-major
+    return (_keyed_hash(key, idx) >= threshold).view(row1 - row0, k)
+
+
 def dropout_mask(seed: int, m: int, k: int, p: float, device=None) -> torch.Tensor:
-    """bool [m, k]: True where dropout keeps x[row, col]. Same bits as the CUDA kernels' mask."""
+    """bool [m, k]: True where dropout keeps x[row, col]. Same bits as the CUDA kernels' mask.
+
+    Built row chunk by row chunk: nothing larger than the mask itself (1 byte per element) is allocated."""
     _check_dropout_p(p)
     if m < 0 or k < 0:
         raise ValueError(f"m, k: expected both >= 0, got m={m}, k={k}")
-    idx = torch.arange(m * k, dtype=torch.int64, device=device)  # = row * k + col, row-major
-    return (dropout_hash(seed, idx) >= _dropout_threshold(p)).view(m, k)
+    key, threshold = _dropout_key(seed), _dropout_threshold(p)
+    mask = torch.empty(m, k, dtype=torch.bool, device=device)
+    for row0, row1 in _row_chunks(m, k):
+        mask[row0:row1] = _keep_rows(key, threshold, row0, row1, k, device)
+    return mask
 
 
 def _keep_scale(p: float) -> float:
@@ -318,14 +351,21 @@ def _keep_scale(p: float) -> float:
 
 
 def dropout(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """x ⊙ mask / (1-p) as out_dtype(fp32(x) * fp32(1/(1-p))), zero where the mask drops. x: [m, k]."""
+    """x ⊙ mask / (1-p) as out_dtype(fp32(x) * fp32(1/(1-p))), zero where the mask drops. x: [m, k].
+
+    Computed row chunk by row chunk into the output, so the only allocation of x's size is the result."""
     _check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
     _check_dropout_p(p)
     if p == 0.0:
         return x
-    keep = dropout_mask(seed, x.shape[0], x.shape[1], p, x.device)
-    scaled = (x.float() * _keep_scale(p)).to(x.dtype)
-    return torch.where(keep, scaled, torch.zeros((), dtype=x.dtype, device=x.device))
+    m, k = x.shape
+    key, threshold, scale = _dropout_key(seed), _dropout_threshold(p), _keep_scale(p)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    for row0, row1 in _row_chunks(m, k):
+        keep = _keep_rows(key, threshold, row0, row1, k, x.device)
+        out[row0:row1] = torch.where(keep, (x[row0:row1].float() * scale).to(x.dtype), zero)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

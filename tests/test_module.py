@@ -1,12 +1,18 @@
-"""QLoRALinear on CPU: init equals the base, training touches only the adapter, merge, state dict, bad inputs."""
+"""QLoRALinear on CPU: init equals the base, training touches only the adapter, merge, state dict, autocast, bad
+inputs."""
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import qlora_ext
-from qlora_ext import QLoRALinear
+from conftest import assert_ratio_rule, requires_cuda
+from qlora_ext import QLoRALinear, quantize_nf4
+
+EPS32 = 2.0**-24  # fp32 unit roundoff
 
 
 def make_layer(k=128, n=96, r=8, bias=True, dtype=torch.float32, **kwargs):
@@ -106,8 +112,22 @@ def test_device_mismatch():
 
 def test_non_contiguous_input_works():
     layer = make_layer()
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B = 0 would leave the adapter path out of the comparison
     x = torch.randn(128, 6).T  # [6, 128], column-major
-    torch.testing.assert_close(layer(x), layer(x.contiguous()), rtol=0, atol=0)
+    assert not x.is_contiguous()
+    y_t, y_c = layer(x).double(), layer(x.contiguous()).double()
+    # Exact equality is not what the math guarantees: for a transposed operand BLAS may take another kernel, with
+    # another order of summation over k (and another split across threads). What any order guarantees: a sum of
+    # n fp32 products lies within γ_n·Σ|terms| of the exact sum (γ_n ≈ n·u, u = 2⁻²⁴). y = x·wᵀ + s·(x·Aᵀ)·Bᵀ +
+    # bias sums k products in x·wᵀ and k then r in the adapter term, plus 3 roundings where they are added and
+    # scaled, so each result is within (k + r + 3)·u·M of the exact y, M = |x|·|w|ᵀ + s·(|x|·|A|ᵀ)·|B|ᵀ + |bias|,
+    # and two results within twice that.
+    x64, w64 = x.double(), layer.dequantize(torch.float32).double()
+    A64, B64 = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    M = x64.abs() @ w64.abs().T + layer.scaling * (x64.abs() @ A64.abs().T) @ B64.abs().T + layer.bias.double().abs()
+    bound = 2 * (layer.in_features + layer.r + 3) * EPS32 * M
+    assert ((y_t - y_c).abs() <= bound).all(), f"max excess {((y_t - y_c).abs() - bound).max().item():.3e}"
 
 
 def test_empty_batch():
@@ -139,3 +159,126 @@ def test_from_bnb_takes_the_bytes_as_they_are():
     # Same dequantized bf16 weight on both sides (B = 0); only the bf16 matmul paths differ, whose rounding is
     # a few bf16 ulps (2^-8 relative) of outputs of size ~1.
     torch.testing.assert_close(layer(x), l4(x), rtol=2e-2, atol=2e-2)
+
+
+# ---- autocast ------------------------------------------------------------------------------------------------
+def randomized_layer(device, k=128, n=96, r=8):
+    """An fp32 layer (fp32 master adapters) with a nonzero lora_B, so that the adapter path is part of every check."""
+    layer = QLoRALinear.from_linear(nn.Linear(k, n, device=device), r=r)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.1)
+    return layer
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_autocast_computes_in_the_autocast_dtype_like_nn_linear(device):
+    linear = nn.Linear(128, 96, device=device)
+    layer = QLoRALinear.from_linear(linear, r=8)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.1)
+    x = torch.randn(5, 7, 128, device=device)  # fp32 activations, as autocast sees them from fp32 layers
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y, y_linear = layer(x), linear(x)
+    assert y.dtype == y_linear.dtype == torch.bfloat16
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32  # the master weights are not touched
+    # Exactly the op on inputs cast to bf16, run outside autocast: the layer casts, and autocast does not reach
+    # into the op (its fp32 accumulation is the spec, which autocast would turn into bf16 matmuls).
+    bf16 = lambda t: t.detach().to(torch.bfloat16)
+    expected, _ = torch.ops.qlora_ext.qlora_linear(
+        bf16(x).reshape(-1, 128), *layer.weight_nf4.op_args(), bf16(layer.lora_A), bf16(layer.lora_B),
+        bf16(layer.bias), layer.scaling, 0.0, torch.zeros((), dtype=torch.int64), layer.weight_nf4.blocksize)
+    assert torch.equal(y.reshape(-1, 96), expected)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_autocast_gradients_reach_the_fp32_adapters(device):
+    layer = randomized_layer(device)
+    x = torch.randn(64, 128, device=device)
+    dy = torch.randn(64, 96, device=device).bfloat16().float()  # exactly representable in bf16: no input error
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = layer(x)
+    y.backward(dy.bfloat16())  # outside autocast, as training loops do
+    assert y.dtype == torch.bfloat16
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+
+    # The same step by hand in bf16 PyTorch ops, the adapters cast from fp32 masters as autocast casts a weight.
+    w = layer.dequantize(torch.float32)  # exact
+    A = layer.lora_A.detach().clone().requires_grad_(True)
+    B = layer.lora_B.detach().clone().requires_grad_(True)
+    xb = x.bfloat16()
+    y_bf16 = xb @ w.bfloat16().T + layer.scaling * ((xb @ A.bfloat16().T) @ B.bfloat16().T) + layer.bias.bfloat16()
+    y_bf16.backward(dy.bfloat16())
+    # fp64 reference: what autocast approximates, the fp32 layer's math, computed exactly.
+    A64 = layer.lora_A.detach().double().requires_grad_(True)
+    B64 = layer.lora_B.detach().double().requires_grad_(True)
+    x64 = x.double()
+    y64 = x64 @ w.double().T + layer.scaling * ((x64 @ A64.T) @ B64.T) + layer.bias.double()
+    y64.backward(dy.double())
+    # Ratio rule (conftest): both round x and the adapters to bf16 and accumulate in fp32, so ours may not be
+    # worse than twice the plain bf16 computation.
+    assert_ratio_rule("y", y, y_bf16, y64)
+    assert_ratio_rule("dA", layer.lora_A.grad, A.grad, A64.grad)
+    assert_ratio_rule("dB", layer.lora_B.grad, B.grad, B64.grad)
+
+
+def test_no_autocast_keeps_the_input_dtype():
+    layer = randomized_layer("cpu")
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=False):
+        assert layer(torch.randn(3, 128)).dtype == torch.float32
+
+
+# ---- misleading messages and sharp edges ----------------------------------------------------------------------
+def test_numpy_input_is_refused_as_not_a_tensor():
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got ndarray"):
+        make_layer()(np.random.randn(3, 128).astype(np.float32))
+
+
+def test_zero_dim_input_names_the_expected_shape():
+    with pytest.raises(ValueError, match=r"at least 1 dim and last dim k=128 \(in_features\), got shape \(\)"):
+        make_layer()(torch.randn(()))
+
+
+def test_one_dim_input_works():
+    layer = make_layer()
+    x = torch.randn(128)
+    torch.testing.assert_close(layer(x), layer(x[None])[0], rtol=0, atol=0)  # the same single row
+
+
+@pytest.mark.parametrize("r", [True, 0, -2, 2.0, "4"])
+def test_rank_must_be_a_positive_int(r):
+    with pytest.raises(ValueError, match=r"r \(the adapter rank\) must be a positive int, got"):
+        make_layer(r=r)
+
+
+def test_numpy_integer_rank_is_accepted():
+    assert make_layer(r=np.int64(4)).r == 4
+
+
+def test_quantize_nf4_of_a_parameter_is_detached():
+    linear = nn.Linear(128, 96)
+    weight_nf4 = quantize_nf4(linear.weight)  # a Parameter, requires_grad=True
+    assert not any(t.requires_grad for t in weight_nf4.op_args() if t is not None)
+    layer = QLoRALinear(weight_nf4, r=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer(torch.randn(3, 128)).square().sum().backward()
+    assert layer.lora_A.grad is not None and linear.weight.grad is None
+    clone = copy.deepcopy(layer)
+    assert torch.equal(clone.weight_nf4.packed, layer.weight_nf4.packed)
+
+
+def test_nf4_weight_to_a_dtype_says_where_the_dtype_goes():
+    weight_nf4 = quantize_nf4(torch.randn(96, 128))
+    with pytest.raises(TypeError, match=r"NF4Weight.to takes a device, got the dtype torch.float16.*dequantize"):
+        weight_nf4.to(torch.float16)
+    assert weight_nf4.to("cpu").packed.dtype == torch.uint8
+
+
+def test_strict_load_reports_an_unknown_weight_key():
+    layer = make_layer()
+    sd = layer.state_dict()
+    sd["weight.not_a_quant_key"] = torch.zeros(3)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "weight.not_a_quant_key"'):
+        make_layer().load_state_dict(sd)
+    result = make_layer().load_state_dict(sd, strict=False)
+    assert result.unexpected_keys == ["weight.not_a_quant_key"] and result.missing_keys == []

@@ -118,3 +118,18 @@ def test_policy_table_is_valid_and_covers_every_shape_class():
                                           (4096, 14336, "reduce"), (8192, 8192, "expand"), (8192, 28672, "reduce")])
 def test_shape_classes_of_the_llama_layers(n, k, expected):
     assert policy.shape_class(n, k) == expected
+
+
+def test_backward_under_autocast_keeps_the_ops_dtype_rules():
+    """A backward run inside an autocast region (a common training-loop mistake) must not re-cast the op's
+    internal fp32 matmuls: the gradients equal those of a backward outside autocast, bit for bit."""
+    x, wq, lora_A, lora_B, b, seed = make_inputs(dtype=torch.float32, bias=False)
+    lora_A.requires_grad_()
+    grads = []
+    for use_autocast in (False, True):
+        lora_A.grad = None
+        y, _ = ops.qlora_linear(x, *wq.op_args(), lora_A, lora_B, None, 2.0, 0.0, seed, 64)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
+            y.backward(torch.ones_like(y))
+        grads.append(lora_A.grad.clone())
+    assert torch.equal(grads[0], grads[1])

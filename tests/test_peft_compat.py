@@ -396,7 +396,8 @@ def test_random_inits_follow_peft_distributions():
     (lambda w: init_lora(w, 4, "pissa_niter_x", scaling=1.0), "must end in a number"),
     (lambda w: pissa(w, 200, scaling=1.0), r"r=200 exceeds min\(n, k\)=96"),
     (lambda w: olora(w[0], 4, scaling=1.0), "2-D float tensor"),
-], ids=["unknown", "pissa-no-scaling", "bad-niter", "rank-too-large", "1-d-weight"])
+    (lambda w: kaiming(w, True), "r must be a positive int, got True"),
+], ids=["unknown", "pissa-no-scaling", "bad-niter", "rank-too-large", "1-d-weight", "bool-rank"])
 def test_init_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call(low_rank_plus_noise())

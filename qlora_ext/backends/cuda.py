@@ -138,23 +138,26 @@ def _(w_nf4, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, 
 @ops.qlora_linear.register_kernel("cuda")
 def _(x, w_nf4, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, bias, scaling, dropout_p, seed,
       blocksize):
-    if not _gemm_fast_path(x, lora_A, blocksize):
-        return reference.qlora_linear(x, w_nf4, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B,
-                                      bias, scaling, dropout_p, ops.seed_int(seed), blocksize)
-    (m, k), n = x.shape, lora_B.shape[0]
-    path = policy.choose(x.device, x.dtype, m, n, k, forward=True)
-    w = [w_nf4, absmax, code, nested_absmax, nested_code, offset]
-    return IMPLS[path].forward(x.contiguous(), w, lora_A, lora_B, bias, scaling, dropout_p, ops.seed_int(seed))
+    with ops.autocast_off(x.device):
+        if not _gemm_fast_path(x, lora_A, blocksize):
+            return reference.qlora_linear(x, w_nf4, absmax, code, nested_absmax, nested_code, offset, lora_A,
+                                          lora_B, bias, scaling, dropout_p, ops.seed_int(seed), blocksize)
+        (m, k), n = x.shape, lora_B.shape[0]
+        path = policy.choose(x.device, x.dtype, m, n, k, forward=True)
+        w = [w_nf4, absmax, code, nested_absmax, nested_code, offset]
+        return IMPLS[path].forward(x.contiguous(), w, lora_A, lora_B, bias, scaling, dropout_p, ops.seed_int(seed))
 
 
 @ops.qlora_linear_backward.register_kernel("cuda")
 def _(dy, x, u, w_nf4, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, scaling, dropout_p, seed,
       blocksize):
-    if not _gemm_fast_path(x, lora_A, blocksize):
-        return reference.qlora_linear_backward(dy, x, u, w_nf4, absmax, code, nested_absmax, nested_code, offset,
-                                               lora_A, lora_B, scaling, dropout_p, ops.seed_int(seed), blocksize)
-    (m, k), n = x.shape, lora_B.shape[0]
-    path = policy.choose(x.device, x.dtype, m, n, k, forward=False)
-    w = [w_nf4, absmax, code, nested_absmax, nested_code, offset]
-    return IMPLS[path].backward(dy.contiguous(), x.contiguous(), u.contiguous(), w, lora_A, lora_B, scaling,
-                                dropout_p, ops.seed_int(seed))
+    with ops.autocast_off(x.device):
+        if not _gemm_fast_path(x, lora_A, blocksize):
+            return reference.qlora_linear_backward(dy, x, u, w_nf4, absmax, code, nested_absmax, nested_code,
+                                                   offset, lora_A, lora_B, scaling, dropout_p, ops.seed_int(seed),
+                                                   blocksize)
+        (m, k), n = x.shape, lora_B.shape[0]
+        path = policy.choose(x.device, x.dtype, m, n, k, forward=False)
+        w = [w_nf4, absmax, code, nested_absmax, nested_code, offset]
+        return IMPLS[path].backward(dy.contiguous(), x.contiguous(), u.contiguous(), w, lora_A, lora_B, scaling,
+                                    dropout_p, ops.seed_int(seed))
