@@ -1,469 +1,237 @@
-"""The bench session: runs one cell at a time, never lets one cell's failure stop the run, collects every
-figure with its configuration, and writes JSON + RESULTS.md + PNG at the end (bench/report.py renders).
+"""The bench session: runs the cells one at a time (a failing cell is recorded and the run goes on), keeps every
+figure with its configuration, and writes <date>-<gpu>.json/.md/.png (the JSON also after each shape and e2e
+cell, so a run that is killed keeps what it measured).
 
-A cell is one (layer case, implementation) or one (e2e implementation, batch). Its row records status:
-    ok           timed; ms = median of the CUDA-event samples
-    unavailable  the implementation cannot run here (package missing): reason says why
-    error        it raised (or produced non-finite outputs): reason is the error string
-    skipped      not attempted, because an earlier error left the CUDA context unusable
+A cell's status: ok (timed), skipped (column unavailable here, path unsupported at this m, or the CUDA context
+lost to an earlier error; reason says which) or error (it raised or gave non-finite outputs; reason).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import datetime as _dt
+import datetime
 import gc
 import json
-import os
+import platform
 import re
 import statistics
 import subprocess
 import time
-import warnings
 from pathlib import Path
 
-from . import _e2e, _impls, _sweep, _timing
+from . import _e2e, _impls, _sweep, _timing, report
+from ._impls import err
 
 BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-SCHEMA = "qlora_ext-bench/1"
-ENV_OUT = "QLORA_BENCH_OUT"
+PROTOCOL = {
+    "layers": (f"median of the medians of 3 repeats (2 for calls over 10 ms) of CUDA-event times per call, "
+               f"{_timing.FLUSH_BYTES >> 20} MB L2 flush before each (triton.testing.do_bench protocol; warm-up "
+               f"{_timing.WARMUP_MS:g} ms, {_timing.REP_MS:g} ms and >= {_timing.MIN_CALLS} calls per repeat)"),
+    "spread": "(max - min) / median of the repeat medians",
+    "host_bound": (f"host launch time of a call (GPU idle at its start) >= {_timing.HOST_BOUND} x its event-timed "
+                   "median: the host, not the GPU, sets the pace"),
+    "peak_extra_mib": "max_memory_allocated during one call minus memory_allocated before it",
+    "workspace_mib": "qlora_ext.workspace_bytes() after the cell (persistent, shared by all layers)",
+    "e2e": "median wall time of synchronized training steps after the warm-up steps",
+}
 
 
-@dataclasses.dataclass
-class BenchOptions:
-    sweep: _sweep.Sweep
-    cases: list[_sweep.Case]
-    impls: tuple[str, ...]
-    e2e: _sweep.E2ESweep
-    e2e_impls: tuple[str, ...]
-    out_dir: Path | None = None
-    tag: str | None = None
-    partial: bool = False  # a selection / filter was applied: output names say so
-    adapter_dtype: str = "bf16"
-    fwd_grad: bool = False  # mode fwd with autograd recording instead of no_grad
-    warmup_ms: float = 25.0
-    rep_ms: float = 100.0
-    min_samples: int = 10
-    measure_ceilings: bool = True
-    selection: dict = dataclasses.field(default_factory=dict)  # the raw options, for the JSON
-
-    def estimate(self) -> dict:
-        return _sweep.estimate_seconds(self.cases, self.impls, self.sweep, self.e2e_impls)
-
-
-def gpu_short_name(name: str) -> str:
-    """'NVIDIA H200' -> 'h200'; 'NVIDIA H100 80GB HBM3' -> 'h100-80gb-hbm3'."""
-    s = name.lower()
-    for word in ("nvidia", "geforce", "tesla"):
-        s = s.replace(word, " ")
-    s = re.sub(r"[^a-z0-9]+", "-", s).strip("-")
-    return s or "gpu"
-
-
-def _git_info() -> dict:
-    def git(*args):
-        return subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except Exception as e:  # no git, no commits yet, or a copy of the tree without .git
-        return {"commit": None, "note": _impls._err(e)[:200]}
-
-
-def gpu_info() -> dict:
+def environment() -> dict:
     import torch
 
     p = torch.cuda.get_device_properties(0)
-    info = {
-        "name": p.name,
-        "short": gpu_short_name(p.name),
-        "capability": f"{p.major}.{p.minor}",
-        "sm_count": p.multi_processor_count,
-        "memory_MiB": round(p.total_memory / 2**20),
-    }
-    try:
-        q = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem,power.limit", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip().splitlines()[0]
-        info["driver"], info["max_sm_clock"], info["max_mem_clock"], info["power_limit"] = [v.strip() for v in q.split(",")]
-    except Exception:  # nvidia-smi absent: the rest still identifies the card
-        pass
-    return info
+    gpu = {"name": p.name, "short": re.sub(r"[^a-z0-9]+", "-", p.name.lower().replace("nvidia", "")).strip("-"),
+           "capability": f"{p.major}.{p.minor}", "sm_count": p.multi_processor_count,
+           "memory_gib": round(p.total_memory / 2**30, 1)}
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("triton", "bitsandbytes", "peft", "transformers", "torchao", "pytest_benchmark", "qlora_ext"):
+        with contextlib.suppress(Exception):
+            versions[name] = str(getattr(__import__(name), "__version__", "?"))
+    with contextlib.suppress(Exception):
+        versions["qlora_ext_cuda_kernels"] = __import__("qlora_ext").has_cuda_kernels()
+    git = {}
+    with contextlib.suppress(Exception):
+        def run(*a):
+            return subprocess.run(["git", *a], cwd=BENCH_DIR, capture_output=True, text=True, check=True).stdout.strip()
+        git = {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+    return {"gpu": gpu, "versions": versions, "git": git}
 
 
-def _short_warning(w: warnings.WarningMessage) -> str:
-    text = str(w.message).strip().splitlines()[0] if str(w.message).strip() else ""
-    return f"{w.category.__name__}: {text[:200]}"
+def _sanity(cell, outs) -> None:
+    """Benchmarks don't check correctness (tests/ does), but timing garbage is worthless: y must be [m, n] and
+    every output and gradient must exist and be finite."""
+    import torch
+
+    want = (cell.m, _sweep.kn(cell.shape)[1])
+    if not outs or outs[0] is None or tuple(outs[0].shape) != want:
+        raise RuntimeError(f"sanity: y is {outs and outs[0] is not None and tuple(outs[0].shape)}, expected {want}")
+    for i, t in enumerate(outs):
+        if t is None or not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(f"sanity: output {i} (y, dx, gradients) is "
+                                     f"{'not finite' if t is not None else 'missing'}")
 
 
-class BenchSession:
-    def __init__(self, opts: BenchOptions):
-        self.opts = opts
-        self.layer_rows: list[dict] = []
-        self.e2e_rows: list[dict] = []
-        self.samples: dict[str, list[float]] = {}  # cell id -> samples (for pytest-benchmark; not in the JSON)
+class Bench:
+    def __init__(self, o):
+        self.o = o  # the options (conftest._options)
+        self.cells: list[dict] = []
+        self.e2e: list[dict] = []
         self.t0 = time.time()
-        self.started = False
-        self.broken: str | None = None
-        self.impls: dict = {}
-        self.impl_warnings: dict[str, list[str]] = {}
+        self.started, self.broken = False, None
+        self.reasons: dict = {}
         self.env: dict = {}
-        self.ceilings: dict | None = None
+        self.ceilings = None
         self.ws: _impls.Workspace | None = None
-        self._e2e_model = None  # (impl, model, notes, weights_MiB) of the e2e implementation being run
-        self.durations = {"layers_s": 0.0, "e2e_s": 0.0}
+        self.shape_t0 = 0.0
+        self.model = None  # (implementation, model, weights MiB) of the e2e implementation being run
 
-    # ---- session start (only on a CUDA machine) ----
     def start(self) -> None:
-        if self.started:
-            return
         import torch
 
         self.started = True
-        torch.backends.cuda.matmul.allow_tf32 = False  # bf16 everywhere; keep any fp32 matmul honest
-        self.env = {"gpu": gpu_info(), "versions": _impls.versions(), "git": _git_info()}
-        self.impls = _impls.probe()
-        if self.opts.measure_ceilings:
-            try:
-                self.ceilings = _timing.measure_ceilings()
-            except Exception as e:  # a ceiling failing must not stop the layers; the report falls back
-                self.ceilings = {"error": _impls._err(e)}
-        self.ws = _impls.Workspace(_timing.DEVICE, adapter_dtype=self.opts.adapter_dtype, fwd_grad=self.opts.fwd_grad)
-
-    # ---- one layer cell ----
-    def _base_layer_row(self, case: _sweep.Case, impl: str) -> dict:
-        s = case.shape
-        fl = _sweep.layer_flops(s.k, s.n, case.m, case.r, case.mode)
-        return {
-            "cell": case.cell_id(impl),
-            "case": case.id,
-            "impl": impl,
-            "model": s.model,
-            "layer": s.layer,
-            "k": s.k,
-            "n": s.n,
-            "m": case.m,
-            "r": case.r,
-            "lora_alpha": _sweep.LORA_ALPHA,
-            "dropout": case.dropout,
-            "mode": case.mode,
-            "dtype": "bfloat16",
-            "flops_frozen": fl["frozen"],
-            "flops_lora": fl["lora"],
-            "status": None,
-            "reason": None,
-            "notes": [],
-        }
-
-    def _check_context(self, err: BaseException) -> None:
-        """After an exception, find out whether the CUDA context still works (illegal address etc. are sticky)."""
-        import torch
-
+        torch.backends.cuda.matmul.allow_tf32 = False
+        self.env = environment()
+        self.reasons = {c: _impls.probe(c) for c in dict.fromkeys(self.o.cols + self.o.e2e_cols)}
         try:
-            torch.cuda.synchronize()
-            torch.zeros(1, device=_timing.DEVICE).add_(1).item()
-        except Exception as e2:
-            self.broken = f"{_impls._err(err)[:300]} (then: {_impls._err(e2)[:200]})"
+            self.ceilings = _timing.ceilings()
+        except Exception as e:  # the layers matter more than the ceilings
+            self.ceilings = {"error": err(e)}
 
-    def run_layer(self, case: _sweep.Case, impl: str) -> dict:
-        import torch
-
-        row = self._base_layer_row(case, impl)
-        t_start = time.time()
+    def _skip_reason(self, col, cell=None) -> str | None:
         if self.broken:
-            row.update(status="skipped", reason=f"CUDA context unusable after an earlier error: {self.broken}")
-            return self._keep(row)
-        avail = self.impls.get(impl, {"available": False, "reason": "unknown implementation"})
-        if not avail["available"]:
-            row.update(status="unavailable", reason=avail["reason"])
-            return self._keep(row)
-        ws = self.ws
-        self._e2e_model = None
-        if ws.shape_id is not None and ws.shape_id != case.shape.id:
-            self.checkpoint()  # a shape is done: keep what we have in case the run is killed later
-        ws.enter(case.shape)
-        prep = None
-        try:
-            with warnings.catch_warnings(record=True) as caught:  # e.g. "no CUDA kernels: running the reference"
-                warnings.simplefilter("always")
-                prep = _impls.BUILDERS[impl](ws, case)
-                outs = prep.run()
-                torch.cuda.synchronize()
-            row["notes"] += prep.notes
-            msgs = list(dict.fromkeys(_short_warning(w) for w in caught))
-            if msgs:
-                row["notes"] += msgs[:3]
-                seen = self.impl_warnings.setdefault(impl, [])
-                seen += [m for m in msgs if m not in seen][:5]
-            self._sanity(case, outs)
-            del outs
-            timing = _timing.time_cuda(
-                prep.run,
-                warmup_ms=self.opts.warmup_ms,
-                rep_ms=self.opts.rep_ms,
-                min_samples=self.opts.min_samples,
-                grad_to_none=prep.grads,
-            )
-            peak = _timing.peak_extra_mib(prep.run, prep.grads)
-            summary = timing.summary()
-            row.update(summary)
-            row["peak_extra_MiB"] = peak
-            row["tflops"] = row["flops_frozen"] / (summary["ms"] * 1e-3) / 1e12
-            row["status"] = "ok"
-            self.samples[row["cell"]] = timing.samples_ms
-        except _impls.Unavailable as e:
-            row.update(status="unavailable", reason=str(e))
-        except torch.cuda.OutOfMemoryError as e:
-            row.update(status="error", reason=f"OutOfMemoryError: {str(e).splitlines()[0][:300]}")
-        except Exception as e:  # a failing baseline (or ours) is recorded, and the run goes on
-            row.update(status="error", reason=_impls._err(e)[:1000])
-            self._check_context(e)
-        finally:
-            if prep is not None:
-                for t in prep.grads:
-                    t.grad = None
-            prep = None
-            if row["status"] != "ok" and not self.broken:
-                torch.cuda.empty_cache()
-        row["wall_s"] = round(time.time() - t_start, 3)
-        self.durations["layers_s"] += time.time() - t_start
-        return self._keep(row)
+            return f"CUDA context unusable after an earlier error: {self.broken}"
+        if self.reasons.get(col) or cell is None:
+            return self.reasons.get(col)
+        if col == "reference" and cell.m > _sweep.REFERENCE_MAX_M and not self.o.reference_all_m:
+            return (f"the default sweep times the unfused reference at m <= {_sweep.REFERENCE_MAX_M} "
+                    "(name it in --bench-cols to time it at every m)")
+        return _impls.unsupported(col, cell.m, cell.mode)
 
-    @staticmethod
-    def _sanity(case: _sweep.Case, outs) -> None:
-        """Benchmarks don't assert correctness (tests/ does), but a timing of garbage is worthless:
-        outputs must exist, y must be [m, n], everything finite."""
-        import torch
-
-        names = ["y", "dx", "grad of trainable 1", "grad of trainable 2", "grad of trainable 3"]
-        if case.mode == "fwd":
-            names = ["y", "u"]
-        if not outs or outs[0] is None or tuple(outs[0].shape) != (case.m, case.shape.n):
-            got = None if not outs or outs[0] is None else tuple(outs[0].shape)
-            raise RuntimeError(f"sanity: y has shape {got}, expected {(case.m, case.shape.n)}")
-        for name, t in zip(names, outs):
-            if t is None:
-                raise RuntimeError(f"sanity: {name} was not produced (None)")
-            if not bool(torch.isfinite(t).all()):
-                raise FloatingPointError(f"sanity: {name} has non-finite values")
-
-    def _keep(self, row: dict) -> dict:
-        self.layer_rows.append(row)
-        return row
-
-    # ---- one e2e cell ----
-    def run_e2e(self, impl: str, batch: int) -> dict:
-        import torch
-
-        e2e = self.opts.e2e
-        row = {
-            "cell": f"e2e-b{batch}-{impl}",
-            "impl": impl,
-            "batch": batch,
-            "seq": e2e.seq,
-            "layers": e2e.layers,
-            "vocab": e2e.vocab,
-            "hidden": e2e.hidden,
-            "intermediate": e2e.intermediate,
-            "heads": e2e.heads,
-            "kv_heads": e2e.kv_heads,
-            "r": e2e.r,
-            "lora_alpha": e2e.lora_alpha,
-            "warmup_steps": e2e.warmup_steps,
-            "timed_steps": e2e.timed_steps,
-            "status": None,
-            "reason": None,
-            "notes": [],
-        }
-        t_start = time.time()
-        if self.broken:
-            row.update(status="skipped", reason=f"CUDA context unusable after an earlier error: {self.broken}")
-            return self._keep_e2e(row)
+    def close_shape(self) -> None:
         if self.ws is not None:
-            self.ws.release()  # layer weights are not needed any more
-        try:
-            if self._e2e_model is None or self._e2e_model[0] != impl:
-                self._e2e_model = None
-                gc.collect()  # PEFT models hold reference cycles: free the previous model before building
-                torch.cuda.empty_cache()
-                torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    model, notes = _e2e.build(impl, e2e, _timing.DEVICE, self.opts.adapter_dtype)
-                torch.cuda.synchronize()
-                weights = (torch.cuda.memory_allocated() - before) / 2**20
-                notes += list(dict.fromkeys(_short_warning(w) for w in caught))[:3]
-                self._e2e_model = (impl, model, notes, weights)
-            _, model, notes, weights = self._e2e_model
-            row["notes"] += notes
-            row["weights_MiB"] = weights
-            res = _e2e.run(model, batch, e2e, _timing.wall_times_ms)
-            times = res["step_ms_all"]
-            med = statistics.median(times)
-            row.update(res)
-            row["step_ms"] = med
-            row["tokens_per_s"] = batch * e2e.seq / (med * 1e-3)
-            row["status"] = "ok"
-            self.samples[row["cell"]] = times
-        except _impls.Unavailable as e:
-            row.update(status="unavailable", reason=str(e))
-        except torch.cuda.OutOfMemoryError as e:
-            row.update(status="error", reason=f"OutOfMemoryError: {str(e).splitlines()[0][:300]}")
-            self._e2e_model = None
-        except Exception as e:
-            row.update(status="error", reason=_impls._err(e)[:1000])
-            self._e2e_model = None
-            self._check_context(e)
-        finally:
-            if not self.broken:
-                torch.cuda.empty_cache()
-        row["wall_s"] = round(time.time() - t_start, 3)
-        self.durations["e2e_s"] += time.time() - t_start
-        return self._keep_e2e(row)
+            self.ws.release()
+            self.o.log(f"qlora_ext bench: {self.ws.shape} done in {time.time() - self.shape_t0:.0f} s "
+                       f"(session {time.time() - self.t0:.0f} s)")
+            self.ws = None
+            self.dump(complete=False)
 
-    def _keep_e2e(self, row: dict) -> dict:
-        self.e2e_rows.append(row)
-        self.checkpoint()
+    def _failed(self, row: dict, e: BaseException) -> None:
+        """Record the error; some CUDA errors (illegal address, ...) poison the context: then skip the rest."""
+        import torch
+
+        row.update(status="error", reason=err(e))
+        if not isinstance(e, torch.cuda.OutOfMemoryError):
+            try:
+                torch.cuda.synchronize()
+                torch.zeros(1, device=_impls.DEVICE).add_(1).item()
+            except Exception as e2:
+                self.broken = f"{err(e)[:200]} (then {err(e2)[:200]})"
+        if not self.broken:
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def run_layer(self, cell, benchmark) -> dict:
+        k, n = _sweep.kn(cell.shape)
+        row = {"shape": cell.shape, "k": k, "n": n, "m": cell.m, "r": cell.r, "mode": cell.mode,
+               "implementation": cell.column, "status": "ok", "reason": None}
+        self.cells.append(row)
+        t_start = time.time()
+        try:
+            row["reason"] = self._skip_reason(cell.column, cell)
+            if row["reason"]:
+                row["status"] = "skipped"
+                return row
+            if self.ws is None or self.ws.shape != cell.shape:
+                self.close_shape()
+                self.ws, self.shape_t0 = _impls.Workspace(cell.shape), time.time()
+            qlora = cell.column.startswith("qlora_ext")
+            with _impls.forced(_sweep.path_of(cell.column)) if qlora else contextlib.nullcontext():
+                fn, grads = _impls.build(self.ws, cell)
+                t0 = time.perf_counter()
+                _sanity(cell, fn())
+                first_ms = (time.perf_counter() - t0) * 1e3
+                row.update(_timing.host_and_memory(benchmark, fn, grads, 5 if first_ms < 50 else 3))
+                row.update(_timing.gpu_time(fn, grads, est_ms=row["wall_ms"]))
+                row["host_bound"] = row["host_ms"] >= _timing.HOST_BOUND * row["median_ms"]
+                if qlora:
+                    row["workspace_mib"] = _impls.workspace_mib()
+        except Exception as e:  # a failing column (ours included) is recorded and the run goes on
+            self._failed(row, e)
+        row["cell_s"] = round(time.time() - t_start, 3)
         return row
 
-    def checkpoint(self) -> None:
-        """Write the JSON so far (marked incomplete): a run killed by a time limit still leaves its figures."""
+    def run_e2e(self, impl: str, batch: int, benchmark) -> dict:
+        import torch
+
+        cfg = self.o.e2e
+        row = {"implementation": impl, "batch": batch, **dataclasses.asdict(cfg), "status": "ok",
+               "reason": self._skip_reason(impl)}
+        if row["reason"]:
+            row["status"] = "skipped"
+            self.e2e.append(row)
+            return row
+        self.close_shape()
         try:
-            doc = self.document(complete=False)
-            path = self.output_paths(doc)["json"]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(doc, indent=1, default=str))
-            tmp.replace(path)
-        except Exception as e:  # a checkpoint is a convenience; the final write reports its own errors
-            warnings.warn(f"bench checkpoint not written: {_impls._err(e)}", stacklevel=2)
+            with _impls.forced(None) if impl == "qlora_ext" else contextlib.nullcontext():
+                if self.model is None or self.model[0] != impl:
+                    self.model = None
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    before = torch.cuda.memory_allocated()
+                    model = _e2e.build(impl, cfg)
+                    self.model = (impl, model, (torch.cuda.memory_allocated() - before) / 2**20)
+                step, stats = _e2e.step_fn(self.model[1], batch, cfg)
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                for _ in range(cfg.warmup_steps):
+                    step()
+                _timing.rounds(benchmark, step, cfg.timed_steps)
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            if not all(abs(v) < float("inf") for v in stats["loss"]):  # NaN fails the comparison too
+                raise FloatingPointError(f"non-finite loss: {stats['loss']}")
+            med = statistics.median(stats["step_ms"][cfg.warmup_steps:])
+            row.update(step_ms=med, steps_ms=stats["step_ms"][cfg.warmup_steps:], peak_extra_mib=peak,
+                       tokens_per_s=batch * cfg.seq / med * 1e3, weights_mib=self.model[2],
+                       trainable_params=stats["trainable_params"], loss_first=stats["loss"][0],
+                       loss_last=stats["loss"][-1])
+        except Exception as e:
+            self.model = None
+            self._failed(row, e)
+        self.e2e.append(row)
+        self.dump(complete=False)
+        return row
 
     def release(self) -> None:
-        self._e2e_model = None
-        if self.ws is not None and not self.broken:
-            try:
-                self.ws.release()
-            except Exception as e:  # freeing must never turn into a test error
-                warnings.warn(f"bench: releasing GPU memory failed: {_impls._err(e)}", stacklevel=2)
+        self.model = None
+        with contextlib.suppress(Exception):  # freeing memory at the end must never become a test error
+            self.close_shape()
 
-    # ---- output ----
     def document(self, complete: bool) -> dict:
-        impls = {k: dict(v) for k, v in self.impls.items()}
-        for k, msgs in self.impl_warnings.items():
-            impls.setdefault(k, {})["warnings"] = msgs
-        o = self.opts
+        o, now = self.o, datetime.datetime.now(datetime.timezone.utc)
         return {
-            "schema": SCHEMA,
-            "date": _dt.date.today().isoformat(),
-            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "schema": "qlora_ext-bench/2", "date": now.date().isoformat(),
+            "timestamp": now.isoformat(timespec="seconds"),
             **self.env,
-            "sweep": {
-                "name": o.sweep.name,
-                "partial": o.partial,
-                "complete": complete,
-                "cases": len(o.cases),
-                "impls": list(o.impls),
-                "e2e_impls": list(o.e2e_impls),
-                "selection": o.selection,
-                "peft_adapter_dtype": o.adapter_dtype,
-                "fwd_autograd": o.fwd_grad,
-            },
-            "timing": {
-                "layers": "median of CUDA-event samples, triton.testing.do_bench protocol (warm-up, 256 MB L2 flush "
-                "before every timed call, gradients reset to None); fwd under "
-                + ("autograd recording (x requires grad, no backward)" if o.fwd_grad else "torch.no_grad()")
-                + ", fwd+bwd = forward with autograd + backward(dy) with x requiring grad",
-                "e2e": "median host wall time of synchronized training steps (fwd + loss + bwd + AdamW step)",
-                "warmup_ms": o.warmup_ms,
-                "rep_ms": o.rep_ms,
-                "min_samples": o.min_samples,
-                "tflops_counts": "frozen GEMM FLOPs only: 2mnk (fwd), 4mnk (fwd+bwd), as the anchors",
-                "peak_extra": "max_memory_allocated during one call minus memory_allocated before it (inputs, "
-                "weights, modules excluded; outputs and gradients included), MiB",
-            },
-            "ceilings": self.ceilings,
-            "impls": impls,
-            "layers": self.layer_rows,
-            "e2e": self.e2e_rows,
-            "durations_s": {
-                "session": round(time.time() - self.t0, 1),
-                "layers": round(self.durations["layers_s"], 1),
-                "e2e": round(self.durations["e2e_s"], 1),
-                "estimate": round(o.estimate()["total_s"], 1),
-            },
+            "run": {"full": o.full and complete, "complete": complete, "command": o.command, "shapes": list(o.shapes),
+                    "m": list(o.ms), "r": list(o.rs), "modes": list(o.modes), "columns": list(o.cols),
+                    "e2e": {**dataclasses.asdict(o.e2e), "batches": list(o.e2e_batches), "columns": list(o.e2e_cols)},
+                    "elapsed_s": round(time.time() - self.t0, 1)},
+            "timing": PROTOCOL, "ceilings": self.ceilings,
+            "columns": {c: self.reasons.get(c) for c in dict.fromkeys(o.cols + o.e2e_cols)},
+            "cells": [c for c in self.cells if c["status"] != "ok" or "cell_s" in c],  # not the one running
+            "e2e": self.e2e,
         }
 
-    def output_paths(self, doc: dict) -> dict[str, Path]:
-        """JSON + PNG in the output dir (default bench/results/), RESULTS.md beside them when an output dir is
-        given, else bench/RESULTS.md for complete default/full runs and bench/results/<stem>.md otherwise."""
-        o = self.opts
-        stem = f"{doc['date']}-{doc.get('gpu', {}).get('short', 'gpu')}"
-        tag = o.tag or ("quick" if o.sweep.name == "quick" else "partial" if o.partial else None)
-        if tag:
-            stem += f"-{re.sub(r'[^A-Za-z0-9_.-]+', '-', tag)}"
-        out_dir = o.out_dir or Path(os.environ.get(ENV_OUT, "") or BENCH_DIR / "results")
-        explicit = o.out_dir is not None or bool(os.environ.get(ENV_OUT))
-        if explicit:
-            md = out_dir / "RESULTS.md"
-        elif tag is None and doc["sweep"]["complete"]:
-            md = BENCH_DIR / "RESULTS.md"
-        else:
-            md = out_dir / f"{stem}.md"
-        return {"json": out_dir / f"{stem}.json", "png": out_dir / f"{stem}.png", "md": md}
-
-    def write(self, complete: bool) -> dict[str, str]:
-        """Write JSON, then render MD and PNG from it (each step's failure is reported, not raised)."""
-        from . import report
-
+    def dump(self, complete: bool) -> tuple[dict, Path]:
         doc = self.document(complete)
-        paths = self.output_paths(doc)
-        paths["json"].parent.mkdir(parents=True, exist_ok=True)
-        with open(paths["json"], "w") as f:
-            json.dump(doc, f, indent=1, default=str)
-        written = {"json": str(paths["json"])}
-        try:
-            written["png"] = report.write_plot(doc, paths["png"]) or "(not written: no data to plot)"
-        except Exception as e:  # matplotlib missing: `python -m bench.report` can redo it elsewhere
-            written["png"] = f"(not written: {_impls._err(e)[:200]})"
-        try:
-            png = Path(written["png"]) if not written["png"].startswith("(") else None
-            paths["md"].parent.mkdir(parents=True, exist_ok=True)
-            paths["md"].write_text(report.render_markdown(doc, json_path=paths["json"], png_path=png, md_path=paths["md"]))
-            written["md"] = str(paths["md"])
-        except Exception as e:
-            written["md"] = f"(not written: {_impls._err(e)[:300]})"
-        return written
+        tag = re.sub(r"[^\w.-]+", "-", self.o.tag or ("" if self.o.full else "partial"))
+        stem = f"{doc['date']}-{doc['gpu'].get('short', 'gpu')}" + (f"-{tag}" if tag else "")
+        path = (self.o.out_dir or BENCH_DIR / "results") / f"{stem}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=1))
+        return doc, path
 
-    # ---- terminal ----
-    def summary_lines(self) -> list[str]:
-        """The stable table printed at the end of `pytest bench/`: median ms per case and implementation."""
-        from . import report
-
-        return report.terminal_table(self.layer_rows, self.e2e_rows)
-
-
-
-def finish_test(row: dict, benchmark, session: BenchSession) -> None:
-    """End a test item from its row: feed the GPU-time samples to pytest-benchmark, or skip / fail with the
-    row's reason. Benchmarks don't assert performance; an error is a failed item, and the run goes on."""
-    import pytest
-
-    st = row["status"]
-    if st == "ok":
-        samples = session.samples.pop(row["cell"])
-        if benchmark is not None:
-            info = {k: row.get(k) for k in ("impl", "k", "n", "m", "r", "dropout", "mode", "batch", "seq", "ms", "timer",
-                                            "peak_extra_MiB", "tflops", "step_ms", "tokens_per_s") if row.get(k) is not None}
-            _timing.feed_benchmark(benchmark, samples, info)
-        return
-    if st in ("unavailable", "skipped"):
-        pytest.skip(f"{row['impl']}: {row['reason']}")
-    pytest.fail(f"{row['cell']}: {row['reason']}", pytrace=False)
+    def write(self, complete: bool) -> tuple[dict, list[str]]:
+        doc, path = self.dump(complete)
+        return doc, [str(path)] + report.write(doc, path)

@@ -1,484 +1,222 @@
-"""The layer implementations the suite compares, all built from the same bf16 weight w [n, k], the same LoRA
-factors lora_A [r, k] / lora_B [n, r] and the same inputs x [m, k] / dy [m, n] of a case.
-
-    cublas     y = x.w^T (fwd); plus dx = dy.w (fwd+bwd): the bf16 GEMM(s) alone, the floor
-    ours       qlora_ext.QLoRALinear.from_linear(...) called as a module (autograd for fwd+bwd): the contract API
-    reference  qlora_ext.reference.qlora_linear / qlora_linear_backward called directly (unfused PyTorch)
-    bnb_peft   bitsandbytes Linear4bit (nf4, double quant, bf16 compute) + get_peft_model(LoraConfig(...))
-    bf16_peft  frozen bf16 nn.Linear + get_peft_model(LoraConfig(...)): the 16-bit ceiling
-    torchao    torchao.dtypes.nf4tensor.to_nf4 + linear_nf4, LoRA written out by hand
-
-Mode "fwd" runs under torch.no_grad() (inference / decode; --bench-fwd-grad: with autograd recording, as the
-forward half of a training step); "fwd+bwd" runs the forward with autograd on an x that requires grad, then
-backward(dy) -- dx is part of the work, as in any layer that is not the first.
-Modules stay in train() mode, so lora_dropout (when > 0) is applied in both modes.
+"""The columns, built on one shape's shared weights: a random bf16 w [n, k] (std 0.02), its NF4 quantization, random
+LoRA factors A [r, k] and B [n, r] (B not PEFT's zeros, so no product runs on zeros), and a row's random x [m, k] and
+dy [m, n]. fwd runs under torch.no_grad(); fwd+bwd runs the forward with autograd on an x that requires grad, then
+y.backward(dy): dx, dA and dB. PEFT adapters are bf16 (autocast_adapter_dtype=False), as qlora_ext's. What each
+column runs: bench/README.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import gc
 import importlib
-import importlib.util
+import os
 import zlib
-from collections.abc import Callable
 
-from . import _sweep
+from ._sweep import LORA_ALPHA, kn, path_of
 
-REFERENCE_SEED = 1234  # dropout seed handed to the reference ops (counter-based mask: any value is as fast)
-
-
-class Unavailable(Exception):
-    """The implementation cannot run here (package missing, API absent); the message is the reason."""
+ENV_PATH = "QLORA_EXT_PATH"
+DEVICE = "cuda"
 
 
-@dataclasses.dataclass
-class Prepared:
-    run: Callable[[], list]  # one call; returns the tensors to sanity-check (y, then dx, dA, dB for fwd+bwd)
-    grads: list  # leaves whose .grad is reset before each timed call
-    notes: list[str] = dataclasses.field(default_factory=list)
+def err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".strip()[:500]
 
 
-def _err(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}".strip()
+def _torchao():
+    for name in ("torchao.dtypes.nf4tensor", "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"):
+        with contextlib.suppress(ImportError, AttributeError):
+            mod = importlib.import_module(name)
+            return mod.to_nf4, mod.linear_nf4
+    raise ImportError("torchao with an NF4 tensor is not installed")
 
 
-def _version(mod_name: str) -> str | None:
+def probe(col: str) -> str | None:
+    """Why ``col`` cannot run here (an import fails, an unknown path, no compiled kernels), or None."""
     try:
-        mod = importlib.import_module(mod_name)
-    except Exception:
+        if col.startswith("qlora_ext"):
+            qlora_ext = importlib.import_module("qlora_ext")
+            if path_of(col) is not None and path_of(col) not in importlib.import_module("qlora_ext.policy").PATHS:
+                return f"qlora_ext.policy.PATHS has no {path_of(col)!r}"
+            if path_of(col) is not None and not qlora_ext.has_cuda_kernels():
+                return "qlora_ext was built without its CUDA kernels"
+        elif col == "torchao":
+            _torchao()
+        else:
+            needs = {"reference": ["qlora_ext.reference"], "bnb_peft": ["peft", "bitsandbytes"], "bf16_peft": ["peft"]}
+            for mod in needs.get(col, []):
+                importlib.import_module(mod)
+    except Exception as e:  # noqa: BLE001  (an import failing is a reason to skip the column, never to stop)
+        return err(e)
+    return None
+
+
+def unsupported(col: str, m: int, mode: str) -> str | None:
+    """Why path column ``col`` does not serve this cell (qlora_ext.policy.supports), or None."""
+    if path_of(col) is None:
         return None
-    return str(getattr(mod, "__version__", "unknown"))
+    from qlora_ext import policy
+
+    for forward in (True, False)[: 1 if mode == "fwd" else 2]:
+        if not policy.supports(path_of(col), m, forward):
+            return f"{path_of(col)} does not serve the {'forward' if forward else 'backward'} at m={m}"
+    return None
 
 
-def probe() -> dict[str, dict]:
-    """Which implementations can run here, and why not. Never raises."""
-    out: dict[str, dict] = {}
-
-    def check(name: str, fn: Callable[[], dict | None]):
-        try:
-            detail = fn() or {}
-            out[name] = {"available": True, "reason": None, **detail}
-        except Exception as e:  # any import-time failure is a reason to skip that column, not to stop
-            out[name] = {"available": False, "reason": _err(e)}
-
-    def cublas():
-        import torch
-
-        if not torch.cuda.is_available():
-            raise Unavailable("CUDA is not available")
-
-    def ours():
-        import qlora_ext
-
-        if not hasattr(qlora_ext, "QLoRALinear"):
-            raise Unavailable("qlora_ext has no QLoRALinear yet (package incomplete)")
-        has = getattr(qlora_ext, "has_cuda_kernels", None)
-        compiled = bool(has()) if callable(has) else importlib.util.find_spec("qlora_ext._C") is not None
-        return {"compiled_extension": compiled}
-
-    def reference():
-        from qlora_ext import reference as ref
-
-        missing = [f for f in ("qlora_linear", "qlora_linear_backward") if not hasattr(ref, f)]
-        if missing:
-            raise Unavailable(f"qlora_ext.reference lacks {', '.join(missing)}")
-
-    def bnb_peft():
-        import bitsandbytes as bnb
-        import peft  # noqa: F401
-
-        if not hasattr(bnb.nn, "Linear4bit"):
-            raise Unavailable("bitsandbytes has no nn.Linear4bit")
-
-    def bf16_peft():
-        import peft  # noqa: F401
-
-    def torchao():
-        return {"module": _torchao_nf4()[2]}
-
-    for name, fn in (
-        ("cublas", cublas),
-        ("ours", ours),
-        ("reference", reference),
-        ("bnb_peft", bnb_peft),
-        ("bf16_peft", bf16_peft),
-        ("torchao", torchao),
-    ):
-        check(name, fn)
-    return out
-
-
-def versions() -> dict:
-    import platform
-
-    import torch
-
-    v = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+@contextlib.contextmanager
+def forced(path: str | None):
+    """qlora_ext.policy.override(path) around a cell; None: auto dispatch, with QLORA_EXT_PATH unset for the cell
+    (a QLORA_EXT_PATH in the caller's environment must not turn the auto column into a path)."""
+    old = os.environ.pop(ENV_PATH, None)
     try:
-        v["cudnn"] = str(torch.backends.cudnn.version())
-    except Exception:  # no cuDNN on this machine: the suite does not use it
-        v["cudnn"] = None
-    for name, mod in (
-        ("triton", "triton"),
-        ("bitsandbytes", "bitsandbytes"),
-        ("peft", "peft"),
-        ("torchao", "torchao"),
-        ("transformers", "transformers"),
-        ("pytest_benchmark", "pytest_benchmark"),
-        ("qlora_ext", "qlora_ext"),
-    ):
-        v[name] = _version(mod)
-    return v
+        with importlib.import_module("qlora_ext.policy").override(path) if path else contextlib.nullcontext():
+            yield
+    finally:
+        if old is not None:
+            os.environ[ENV_PATH] = old
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Shared state: one shape's weights and modules live while its cases run, then are freed together.
-
-
-def _seed(*key) -> int:
-    return zlib.crc32(repr(key).encode())
+def workspace_mib() -> float | None:
+    fn = getattr(importlib.import_module("qlora_ext"), "workspace_bytes", None)
+    return fn() / 2**20 if fn else None
 
 
 class Workspace:
-    def __init__(self, device: str = "cuda", dtype=None, adapter_dtype: str = "bf16", fwd_grad: bool = False):
-        import torch
+    """One shape's weights, quantized weights and modules, built once and shared by every m and r of the shape,
+    and the inputs of the current row (shape, m, r, mode)."""
 
-        self.device = torch.device(device)
-        self.dtype = dtype or torch.bfloat16
-        self.adapter_dtype = adapter_dtype  # dtype of PEFT's lora_A/lora_B: "bf16" (as ours) or "fp32" (PEFT's default)
-        self.fwd_grad = fwd_grad  # mode "fwd" records autograd (training forward) instead of running under no_grad
-        self.shape_id: str | None = None
+    def __init__(self, shape: str):
+        self.shape, (self.k, self.n) = shape, kn(shape)
         self.objs: dict = {}
-        self._inputs_key = None
-        self._inputs: dict = {}
 
-    def _randn(self, shape, seed: int, std: float):
+    def get(self, key, make):
+        if key not in self.objs:
+            self.objs[key] = make()
+        return self.objs[key]
+
+    def randn(self, size, std, *key):
         import torch
 
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        return (torch.randn(shape, generator=g, device=self.device, dtype=torch.float32) * std).to(self.dtype)
+        g = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(repr((self.shape, *key)).encode()))
+        return (torch.randn(size, generator=g, device=DEVICE) * std).to(torch.bfloat16)
 
-    def enter(self, shape: _sweep.Shape) -> None:
-        """Switch to ``shape``, freeing the previous shape's weights, modules and inputs."""
-        if shape.id == self.shape_id:
-            return
-        self.release()
-        self.shape_id = shape.id
+    def weights(self, r):
+        """(w, A, B)"""
+        w = self.get("w", lambda: self.randn((self.n, self.k), 0.02, "w"))
+        return (w, *self.get(("lora", r), lambda: (self.randn((r, self.k), self.k**-0.5, "A", r),
+                                                   self.randn((self.n, r), 0.01, "B", r))))
 
-    def release(self) -> None:
-        import gc
+    def nf4(self):
+        """w quantized by qlora_ext.quantize_nf4 (NF4, double quant, blocksize 64)."""
+        return self.get("nf4", lambda: importlib.import_module("qlora_ext").quantize_nf4(self.objs["w"], 64, True))
 
+    def inputs(self, cell):
+        """x and dy, fresh per row and shared by the row's columns."""
+        if self.objs.get("row") != cell.row:
+            self.objs.update(row=cell.row, x=None, dy=None)  # free the previous row's first
+            self.objs["x"] = self.randn((cell.m, self.k), 1.0, "x", cell.row)
+            self.objs["dy"] = self.randn((cell.m, self.n), 1.0, "dy", cell.row) if cell.mode != "fwd" else None
+        return self.objs["x"], self.objs["dy"]
+
+    def release(self):
         import torch
 
         self.objs.clear()
-        self._inputs.clear()
-        self._inputs_key = None
-        self.shape_id = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def get(self, key, factory: Callable[[], object]):
-        if key not in self.objs:
-            self.objs[key] = factory()
-        return self.objs[key]
-
-    def weight(self, shape: _sweep.Shape):
-        """The frozen base weight w [n, k] (bf16, std 0.02 like Llama's init; never zeros)."""
-        return self.get("w", lambda: self._randn((shape.n, shape.k), _seed("w", shape.id), 0.02))
-
-    def lora(self, shape: _sweep.Shape, r: int):
-        """lora_A [r, k], lora_B [n, r]: random (not PEFT's zero B) so no GEMM runs on zeros."""
-
-        def make():
-            a = self._randn((r, shape.k), _seed("A", shape.id, r), shape.k**-0.5)
-            b = self._randn((shape.n, r), _seed("B", shape.id, r), 0.01)
-            return a, b
-
-        return self.get(("lora", r), make)
-
-    def inputs(self, case: _sweep.Case, need_dy: bool):
-        """x [m, k] and dy [m, n], fresh per (shape, m, r, dropout); shared by every impl and both modes."""
-        key = (case.shape.id, case.m, case.r, case.dropout)
-        if key != self._inputs_key:
-            self._inputs.clear()
-            self._inputs_key = key
-            self._inputs["x"] = self._randn((case.m, case.shape.k), _seed("x", *key), 1.0)
-        if need_dy and "dy" not in self._inputs:
-            self._inputs["dy"] = self._randn((case.m, case.shape.n), _seed("dy", *key), 1.0)
-        return self._inputs["x"], self._inputs.get("dy")
+        gc.collect()  # PEFT models hold reference cycles
+        torch.cuda.empty_cache()
 
 
-def _frozen_linear(w):
-    """nn.Linear whose weight *is* w (no copy), frozen, no bias."""
-    from torch import nn
-
-    n, k = w.shape
-    lin = nn.Linear(k, n, bias=False, device="meta", dtype=w.dtype)
-    lin.weight = nn.Parameter(w, requires_grad=False)
-    return lin
-
-
-def _copy_lora(dst_a, dst_b, a, b) -> None:
+def _runner(fn, x, dy, mode: str, params):
+    """(call, grads): call() returns the tensors to sanity-check; grads are reset to None before timed calls."""
     import torch
 
-    with torch.no_grad():
-        dst_a.copy_(a.to(dst_a.dtype))
-        dst_b.copy_(b.to(dst_b.dtype))
-
-
-def _forward_runner(fn, x, fwd_grad: bool) -> Prepared:
-    """Mode fwd: fn(x) under no_grad, or -- with fwd_grad -- recording autograd on an x that requires grad
-    (the forward half of a training step; the graph is dropped after each call)."""
-    import torch
-
-    if fwd_grad:
-        xg = x.detach().requires_grad_(True)
-        return Prepared(lambda: [fn(xg)], [], ["fwd with autograd"])
-
-    def run_fwd():
-        with torch.no_grad():
-            return [fn(x)]
-
-    return Prepared(run_fwd, [])
-
-
-def _module_runner(mod, x, dy, mode: str, fwd_grad: bool = False) -> Prepared:
-    """fwd: no-grad call; fwd+bwd: autograd call on an x that requires grad, then backward(dy)."""
-    params = [p for p in mod.parameters() if p.requires_grad]
     if mode == "fwd":
-        return _forward_runner(mod, x, fwd_grad)
+        def fwd():
+            with torch.no_grad():
+                return [fn(x)]
+        return fwd, []
     xg = x.detach().requires_grad_(True)
 
-    def run_fwd_bwd():
-        y = mod(xg)
+    def fwd_bwd():
+        y = fn(xg)
         y.backward(dy)
-        return [y, xg.grad] + [p.grad for p in params]
-
-    return Prepared(run_fwd_bwd, [xg] + params)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Builders: (workspace, case) -> Prepared. They raise Unavailable when the package is missing.
+        return [y, xg.grad, *(p.grad for p in params)]
+    return fwd_bwd, [xg, *params]
 
 
-def build_cublas(ws: Workspace, case: _sweep.Case) -> Prepared:
-    import torch
-
-    w = ws.weight(case.shape)
-    x, dy = ws.inputs(case, need_dy=case.mode == "fwd+bwd")
-    wt = w.t()  # a view: cuBLAS reads w [n, k] transposed, no copy
-    if case.mode == "fwd":
-        return Prepared(lambda: [torch.mm(x, wt)], [])
-    return Prepared(lambda: [torch.mm(x, wt), torch.mm(dy, w)], [])
-
-
-def build_ours(ws: Workspace, case: _sweep.Case) -> Prepared:
-    try:
-        import qlora_ext
-
-        QLoRALinear = qlora_ext.QLoRALinear
-    except (ImportError, AttributeError) as e:
-        raise Unavailable(_err(e)) from e
-    w = ws.weight(case.shape)
-    a, b = ws.lora(case.shape, case.r)
-
-    def make():
-        mod = QLoRALinear.from_linear(
-            _frozen_linear(w), r=case.r, lora_alpha=_sweep.LORA_ALPHA, lora_dropout=case.dropout
-        )
-        _copy_lora(mod.lora_A, mod.lora_B, a, b)
-        return mod.train()
-
-    mod = ws.get(("ours", case.group), make)
-    x, dy = ws.inputs(case, need_dy=case.mode == "fwd+bwd")
-    prep = _module_runner(mod, x, dy, case.mode, ws.fwd_grad)
-    prep.notes.append(f"lora params {mod.lora_A.dtype}".replace("torch.", ""))
-    return prep
-
-
-def _reference_nf4_args(w):
-    """(w_nf4, absmax, code, nested_absmax, nested_code, offset) of w, double-quantized, blocksize 64."""
-    import qlora_ext
-    from qlora_ext import reference as ref
-
-    quantize = getattr(qlora_ext, "quantize_nf4", None)
-    if quantize is not None:
-        return tuple(quantize(w, blocksize=_sweep.NF4_BLOCKSIZE, double_quant=True).op_args()), "qlora_ext.quantize_nf4"
-    w_nf4, absmax, nested_absmax, offset = ref.quantize_nf4(w, blocksize=_sweep.NF4_BLOCKSIZE, double_quant=True)
-    code = ref.nf4_code(device=w.device)
-    nested_code = ref.dynamic_map_signed(device=w.device)
-    return (w_nf4, absmax, code, nested_absmax, nested_code, offset), "reference.quantize_nf4"
-
-
-def build_reference(ws: Workspace, case: _sweep.Case) -> Prepared:
-    import torch
-
-    try:
-        from qlora_ext import reference as ref
-
-        qlora_linear, qlora_linear_backward = ref.qlora_linear, ref.qlora_linear_backward
-    except (ImportError, AttributeError) as e:
-        raise Unavailable(_err(e)) from e
-    w = ws.weight(case.shape)
-    args, how = ws.get("reference_nf4", lambda: _reference_nf4_args(w))
-    a, b = ws.lora(case.shape, case.r)
-    x, dy = ws.inputs(case, need_dy=case.mode == "fwd+bwd")
-    s = _sweep.LORA_ALPHA / case.r
-    p = case.dropout
-    bs = _sweep.NF4_BLOCKSIZE
-
-    if case.mode == "fwd":
-
-        def run_fwd():
-            with torch.no_grad():
-                return list(qlora_linear(x, *args, a, b, None, s, p, REFERENCE_SEED, bs))
-
-        return Prepared(run_fwd, [], [f"weights from {how}"])
-
-    def run_fwd_bwd():
-        with torch.no_grad():
-            y, u = qlora_linear(x, *args, a, b, None, s, p, REFERENCE_SEED, bs)
-            dx, da, db = qlora_linear_backward(dy, x, u, *args, a, b, s, p, REFERENCE_SEED, bs)
-        return [y, dx, da, db]
-
-    return Prepared(run_fwd_bwd, [], [f"weights from {how}"])
-
-
-def _peft_wrap(base, case: _sweep.Case, a, b, adapter_dtype: str):
-    """get_peft_model over a one-layer module, as a user targets a layer by name."""
+def _peft(base, r, a, b):
+    """get_peft_model over a one-layer module, targeting the layer by name as a user would."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from torch import nn
 
-    class OneLayer(nn.Module):
-        def __init__(self, layer):
-            super().__init__()
-            self.base = layer
-
-        def forward(self, x):
-            return self.base(x)
-
-    cfg = LoraConfig(
-        r=case.r, lora_alpha=_sweep.LORA_ALPHA, lora_dropout=case.dropout, target_modules=["base"], bias="none"
-    )
-    # PEFT's default (autocast_adapter_dtype=True) keeps adapters in fp32 and casts x to fp32 for them;
-    # "bf16" keeps them in the compute dtype, as ours and the anchors' bf16 layers.
-    try:
-        model = get_peft_model(OneLayer(base), cfg, autocast_adapter_dtype=adapter_dtype == "fp32")
-    except TypeError:  # a PEFT without the argument
-        model = get_peft_model(OneLayer(base), cfg)
-    want = torch.float32 if adapter_dtype == "fp32" else torch.bfloat16
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != want:
-            p.data = p.data.to(want)
+    one = torch.nn.Module()
+    one.base = base
+    one.forward = lambda t: one.base(t)
+    cfg = LoraConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=["base"], bias="none")
+    model = get_peft_model(one, cfg, autocast_adapter_dtype=False)
     layer = model.base_model.model.base
-    _copy_lora(layer.lora_A["default"].weight, layer.lora_B["default"].weight, a, b)
+    for p, v in ((layer.lora_A["default"].weight, a), (layer.lora_B["default"].weight, b)):
+        p.data = v.clone()
     return model.train()
 
 
-def _bnb_linear4bit(w):
-    """bnb.nn.Linear4bit(nf4, double quant, bf16 compute, blocksize 64) quantized by bitsandbytes from w."""
+def bnb_linear4bit(w):
+    """bitsandbytes Linear4bit (nf4, double quant, blocksize 64, bf16 compute) quantized by bitsandbytes from w."""
     import bitsandbytes as bnb
     import torch
 
-    n, k = w.shape
-    lin = bnb.nn.Linear4bit(
-        k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4", device="meta"
-    )
-    lin.weight = bnb.nn.Params4bit(
-        w.detach().clone(), requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=64
-    )
-    return lin.to(w.device)  # Params4bit.to quantizes (bitsandbytes' own quantize_4bit)
+    lin = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                            quant_type="nf4", device="meta")
+    lin.weight = bnb.nn.Params4bit(w.detach().clone(), requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                   blocksize=64)
+    return lin.to(w.device)  # Params4bit.to quantizes
 
 
-def build_bnb_peft(ws: Workspace, case: _sweep.Case) -> Prepared:
-    try:
-        import bitsandbytes  # noqa: F401
-        import peft  # noqa: F401
-    except ImportError as e:
-        raise Unavailable(_err(e)) from e
-    w = ws.weight(case.shape)
-    a, b = ws.lora(case.shape, case.r)
-    lin4 = ws.get("bnb_linear4bit", lambda: _bnb_linear4bit(w))
-    model = ws.get(("bnb_peft", case.group), lambda: _peft_wrap(lin4, case, a, b, ws.adapter_dtype))
-    x, dy = ws.inputs(case, need_dy=case.mode == "fwd+bwd")
-    prep = _module_runner(model, x, dy, case.mode, ws.fwd_grad)
-    prep.notes.append(f"PEFT layer {type(model.base_model.model.base).__module__}.{type(model.base_model.model.base).__name__}")
-    prep.notes.append(f"adapters {ws.adapter_dtype}")
-    return prep
+def build(ws: Workspace, cell):
+    """(call, grads) of ``cell.column`` on the workspace's weights and the cell's inputs."""
+    import torch
 
+    r, mode, col = cell.r, cell.mode, cell.column
+    x, dy = ws.inputs(cell)
+    w, a, b = ws.weights(r)
+    s = LORA_ALPHA / r
+    if col == "cublas":
+        return (lambda: [torch.mm(x, w.t())] + ([torch.mm(dy, w)] if dy is not None else [])), []
+    if col.startswith("qlora_ext"):
+        import qlora_ext
 
-def build_bf16_peft(ws: Workspace, case: _sweep.Case) -> Prepared:
-    try:
-        import peft  # noqa: F401
-    except ImportError as e:
-        raise Unavailable(_err(e)) from e
-    w = ws.weight(case.shape)
-    a, b = ws.lora(case.shape, case.r)
-    model = ws.get(("bf16_peft", case.group), lambda: _peft_wrap(_frozen_linear(w), case, a, b, ws.adapter_dtype))
-    x, dy = ws.inputs(case, need_dy=case.mode == "fwd+bwd")
-    prep = _module_runner(model, x, dy, case.mode, ws.fwd_grad)
-    prep.notes.append(f"adapters {ws.adapter_dtype}")
-    return prep
+        def make():
+            mod = qlora_ext.QLoRALinear(ws.nf4(), r=r, lora_alpha=LORA_ALPHA, lora_dropout=0.0)
+            mod.lora_A.data, mod.lora_B.data = a.clone(), b.clone()
+            return mod.train()
 
+        mod = ws.get(("qlora_ext", r), make)
+        return _runner(mod, x, dy, mode, [mod.lora_A, mod.lora_B])
+    if col == "reference":
+        from qlora_ext import reference as ref
 
-_TORCHAO_NF4_MODULES = (
-    "torchao.dtypes.nf4tensor",  # older torchao
-    "torchao.quantization.quantize_.workflows.nf4.nf4_tensor",  # where 0.18 (the anchors' version) keeps it
-)
+        args = ws.nf4().op_args()
 
+        @torch.no_grad()
+        def run():
+            y, u = ref.qlora_linear(x, *args, a, b, None, s, 0.0, 0, 64)
+            return [y, u] if mode == "fwd" else [y, *ref.qlora_linear_backward(dy, x, u, *args, a, b, s, 0.0, 0, 64)]
+        return run, []
+    if col in ("bnb_peft", "bf16_peft"):
+        def base():
+            if col == "bnb_peft":
+                return bnb_linear4bit(w)
+            lin = torch.nn.Linear(ws.k, ws.n, bias=False, device="meta", dtype=w.dtype)
+            lin.weight = torch.nn.Parameter(w, requires_grad=False)  # w itself, no copy
+            return lin
 
-def _torchao_nf4():
-    """(to_nf4, linear_nf4, module name) from whichever torchao layout is installed."""
-    errors = []
-    for name in _TORCHAO_NF4_MODULES:
-        try:
-            mod = importlib.import_module(name)
-            return mod.to_nf4, mod.linear_nf4, name
-        except (ImportError, AttributeError) as e:
-            errors.append(_err(e))
-    raise Unavailable("; ".join(dict.fromkeys(errors)))
+        model = ws.get((col, r), lambda: _peft(ws.get(col, base), r, a, b))
+        return _runner(model, x, dy, mode, [p for p in model.parameters() if p.requires_grad])
+    if col == "torchao":
+        import torch.nn.functional as F
 
-
-def build_torchao(ws: Workspace, case: _sweep.Case) -> Prepared:
-    import torch.nn.functional as F
-    from torch import nn
-
-    to_nf4, linear_nf4, _ = _torchao_nf4()
-    w = ws.weight(case.shape)
-    a, b = ws.lora(case.shape, case.r)
-    w_ao = ws.get("torchao_nf4", lambda: to_nf4(w, block_size=64, scaler_block_size=256))
-
-    def make():
-        return nn.Parameter(a.clone()), nn.Parameter(b.clone())
-
-    lora_a, lora_b = ws.get(("torchao_lora", case.group), make)
-    s = _sweep.LORA_ALPHA / case.r
-    p = case.dropout
-    x, dy = ws.inputs(case, need_dy=case.mode == "fwd+bwd")
-
-    def forward(inp):
-        h = F.dropout(inp, p, training=True) if p > 0 else inp
-        return linear_nf4(inp, w_ao) + s * F.linear(F.linear(h, lora_a), lora_b)
-
-    if case.mode == "fwd":
-        return _forward_runner(forward, x, ws.fwd_grad)
-    xg = x.detach().requires_grad_(True)
-
-    def run_fwd_bwd():
-        y = forward(xg)
-        y.backward(dy)
-        return [y, xg.grad, lora_a.grad, lora_b.grad]
-
-    return Prepared(run_fwd_bwd, [xg, lora_a, lora_b])
-
-
-BUILDERS: dict[str, Callable[[Workspace, _sweep.Case], Prepared]] = {
-    "cublas": build_cublas,
-    "ours": build_ours,
-    "reference": build_reference,
-    "bnb_peft": build_bnb_peft,
-    "bf16_peft": build_bf16_peft,
-    "torchao": build_torchao,
-}
+        to_nf4, linear_nf4 = _torchao()
+        w_ao = ws.get("torchao", lambda: to_nf4(w, block_size=64, scaler_block_size=256))
+        la, lb = ws.get(("torchao", r), lambda: (torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())))
+        return _runner(lambda t: linear_nf4(t, w_ao) + s * F.linear(F.linear(t, la), lb), x, dy, mode, [la, lb])
+    raise ValueError(f"unknown column {col!r}")

@@ -1,258 +1,164 @@
-"""pytest plumbing for bench/: options, the parametrized sweep, the session harness, results at session end.
-
-    pytest bench/                     default sweep (~4 min on an H200), results in bench/results/ + bench/RESULTS.md
-    pytest bench/ --bench-quick       smoke subset (~30-45 s)
-    pytest bench/ --bench-full        the whole issue-4 sweep (~9-10 min)
-    pytest bench/ --bench-shapes 8192x28672 --bench-m 2048,16384 --bench-modes fwd+bwd --bench-impls cublas,ours,bnb_peft
-    pytest bench/ -m e2e              only the end-to-end training step (-m layer: only the layer sweep)
-
-Without CUDA every item skips with one reason. See bench/README.md.
-"""
+"""pytest plumbing for bench/ (bench/README.md): options, one test item per cell, the session and its output.
+Without CUDA every GPU item skips with one reason; bench/test_report.py (CPU) still runs."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 try:
-    from bench import _harness, _sweep, _timing
-except ImportError:  # rootdir-less invocations (e.g. --import-mode=importlib): import the package by path
+    from bench import _e2e, _harness, _sweep, report
+except ImportError:  # invoked without the repository root on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench import _harness, _sweep, _timing
+    from bench import _e2e, _harness, _sweep, report
 
-NO_CUDA_ID = "cuda-unavailable"
-_SELECTION = ("bench_shapes", "bench_m", "bench_r", "bench_dropout", "bench_modes", "bench_impls", "bench_e2e_impls",
-              "bench_e2e_batch", "bench_e2e_layers", "bench_e2e_vocab", "bench_e2e_seq", "bench_e2e_steps")
+_NARROWING = ("bench_shapes", "bench_m", "bench_r", "bench_modes", "bench_cols", "bench_e2e_batch", "bench_e2e_layers")
 
 
 def pytest_addoption(parser):
-    g = parser.getgroup("qlora_ext bench", "qlora_ext benchmarks (bench/, see bench/README.md)")
-    g.addoption("--bench-quick", action="store_true", help="smoke subset: 4096x14336, m 16 and 2048, r=16, short timing, 2-layer e2e at batch 2")
-    g.addoption("--bench-full", action="store_true", help="the whole sweep: 7 shapes x 6 m x r {16,64} x dropout {0,0.05} x {fwd, fwd+bwd}")
-    g.addoption("--bench-shapes", metavar="LIST", help="KxN (in x out) list, or 8b / 70b / targets / all")
-    g.addoption("--bench-m", metavar="LIST", help="token counts, e.g. 1,16,2048")
-    g.addoption("--bench-r", metavar="LIST", help="LoRA ranks, e.g. 16,64")
-    g.addoption("--bench-dropout", metavar="LIST", help="lora_dropout values, e.g. 0,0.05")
-    g.addoption("--bench-modes", metavar="LIST", help="fwd and/or fwd+bwd")
-    g.addoption("--bench-impls", metavar="LIST", help=f"layer implementations ({','.join(_sweep.IMPLS)})")
-    g.addoption("--bench-e2e-impls", metavar="LIST", help=f"e2e implementations ({','.join(_sweep.E2E_IMPLS)})")
+    g = parser.getgroup("qlora_ext bench", "qlora_ext benchmarks (bench/README.md)")
+    g.addoption("--bench-quick", action="store_true",
+                help="smoke subset: 4096x14336, m 16 and 2048, r 16; a 2-layer e2e at batch 2")
+    g.addoption("--bench-shapes", metavar="LIST", help="KxN (in x out) list, or 8b / 70b / all (default: all 7)")
+    g.addoption("--bench-m", metavar="LIST", help="token counts (default 1,16,128,2048,8192,16384)")
+    g.addoption("--bench-r", metavar="LIST", help="LoRA ranks (default 16,64)")
+    g.addoption("--bench-modes", metavar="LIST", help="fwd and/or fwd+bwd (default both)")
+    g.addoption("--bench-cols", metavar="LIST", help="columns: cublas, qlora_ext, qlora_ext[<path>] ('paths': all "
+                "of them), reference, bnb_peft, bf16_peft, torchao; e2e runs the named ones of qlora_ext, bnb_peft, "
+                "bf16_peft")
     g.addoption("--bench-e2e-batch", metavar="LIST", help="e2e batch sizes (default 2,8)")
     g.addoption("--bench-e2e-layers", type=int, metavar="N", help="e2e decoder layers (default 4)")
-    g.addoption("--bench-e2e-vocab", type=int, metavar="N", help="e2e vocabulary (default 32000 as the anchors; Llama-3: 128256)")
-    g.addoption("--bench-e2e-seq", type=int, metavar="N", help="e2e sequence length (default 2048)")
-    g.addoption("--bench-e2e-steps", type=int, metavar="N", help="e2e timed steps after the warm-up ones (default 7)")
-    g.addoption("--bench-out", metavar="DIR", help=f"write JSON, PNG and RESULTS.md into DIR (env {_harness.ENV_OUT})")
-    g.addoption("--bench-tag", metavar="TAG", help="suffix for the output file names (<date>-<gpu>-TAG.json)")
-    g.addoption("--bench-warmup-ms", type=float, metavar="MS", help="do_bench warm-up per cell (default 25; quick 10)")
-    g.addoption("--bench-rep-ms", type=float, metavar="MS", help="do_bench timed span per cell (default 100; quick 25)")
-    g.addoption("--bench-min-samples", type=int, metavar="N", help="at least N timed calls per cell (default 10)")
-    g.addoption("--bench-peft-adapter-dtype", choices=("bf16", "fp32"), default="bf16",
-                help="PEFT lora_A/lora_B dtype: bf16 (as qlora_ext and the anchors) or fp32 (PEFT's autocast default)")
-    g.addoption("--bench-fwd-grad", action="store_true",
-                help="time mode fwd with autograd recording (training forward) instead of under torch.no_grad()")
-    g.addoption("--bench-no-ceilings", action="store_true", help="skip measuring the GEMM / copy ceilings at start")
+    g.addoption("--bench-out", metavar="DIR", help="where <date>-<gpu>.json/.md/.png go (default bench/results/)")
+    g.addoption("--bench-tag", metavar="TAG", help="file names <date>-<gpu>-TAG.* (narrowed runs default to -partial)")
 
 
-@dataclasses.dataclass
-class _State:
-    opts: _harness.BenchOptions
-    no_cuda_reason: str | None
-    session: _harness.BenchSession
-    layer_cells: dict
-    e2e_cells: dict
-    written: dict | None = None
-
-
-def _cuda_reason() -> str | None:
+def _no_cuda_reason() -> str | None:
     try:
         import torch
-    except Exception as e:
-        return f"torch is not importable ({type(e).__name__}: {e}); the qlora_ext benchmarks time CUDA kernels"
-    if torch.cuda.is_available():
-        return None
-    build = "a CPU-only torch build" if torch.version.cuda is None else f"torch {torch.__version__} sees no GPU"
-    return (f"CUDA is not available ({build}): the qlora_ext benchmarks time CUDA kernels on a GPU; "
-            "run `pytest bench/` on a CUDA machine")
+    except Exception as e:  # noqa: BLE001
+        return f"torch is not importable ({e}): the qlora_ext benchmarks time CUDA kernels"
+    if not torch.cuda.is_available():
+        return "CUDA is not available: the qlora_ext benchmarks time CUDA kernels; run `pytest bench/` on a GPU machine"
+    return None
 
 
-def _options(config) -> _harness.BenchOptions:
-    opt = config.getoption
-    if opt("bench_quick") and opt("bench_full"):
-        raise pytest.UsageError("--bench-quick and --bench-full exclude each other")
-    sweep = _sweep.QUICK if opt("bench_quick") else _sweep.FULL if opt("bench_full") else _sweep.DEFAULT
+def _no_abs(arg: str) -> str:
+    """An argument for the record: absolute paths become repository-relative, or <dir> outside the repository."""
+    head, _, path = arg.rpartition("=")
+    if not Path(path).is_absolute():
+        return arg
+    rel = os.path.relpath(path, Path(__file__).resolve().parent.parent)
+    return (f"{head}=" if head else "") + ("<dir>" if rel.startswith("..") else rel)
+
+
+def _options(config, no_cuda: bool) -> SimpleNamespace:
+    opt, q, quick = config.getoption, _sweep.QUICK, config.getoption("bench_quick")
+    paths = _sweep.PATHS_FALLBACK
+    if not no_cuda:
+        try:
+            from qlora_ext.policy import PATHS as paths
+        except Exception:  # qlora_ext.policy not importable: the path columns skip, naming the import error
+            pass
+    known = _sweep.columns(paths)
     try:
-        cases = _sweep.select(
-            sweep,
-            shapes=_sweep.parse_shapes(opt("bench_shapes")) if opt("bench_shapes") else None,
-            ms=_sweep.parse_ints(opt("bench_m"), "--bench-m") if opt("bench_m") else None,
-            rs=_sweep.parse_ints(opt("bench_r"), "--bench-r") if opt("bench_r") else None,
-            dropouts=_sweep.parse_floats(opt("bench_dropout"), "--bench-dropout") if opt("bench_dropout") else None,
-            modes=_sweep.parse_modes(opt("bench_modes")) if opt("bench_modes") else None,
-        )
-        impls = _sweep.parse_impls(opt("bench_impls")) if opt("bench_impls") else _sweep.IMPLS
-        e2e_impls = (_sweep.parse_impls(opt("bench_e2e_impls"), _sweep.E2E_IMPLS, "--bench-e2e-impls")
-                     if opt("bench_e2e_impls") else _sweep.E2E_IMPLS)
-        e2e = sweep.e2e
-        if opt("bench_e2e_batch"):
-            e2e = dataclasses.replace(e2e, batches=_sweep.parse_ints(opt("bench_e2e_batch"), "--bench-e2e-batch"))
-        for name, field in (("bench_e2e_layers", "layers"), ("bench_e2e_vocab", "vocab"), ("bench_e2e_seq", "seq"),
-                            ("bench_e2e_steps", "timed_steps")):
-            if opt(name) is not None:
-                if opt(name) < 1:
-                    raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-                e2e = dataclasses.replace(e2e, **{field: opt(name)})
+        def axis(name, option, default, known=None):
+            return _sweep.parse(opt(name), option, known) if opt(name) else default
+
+        text = opt("bench_cols") and ",".join(",".join(known[2:2 + len(paths)]) if t.strip() == "paths" else t
+                                               for t in opt("bench_cols").split(","))
+        named = _sweep.parse(text, "--bench-cols", known) if text else None
+        o = SimpleNamespace(
+            shapes=axis("bench_shapes", "--bench-shapes", q["shapes"] if quick else tuple(_sweep.SHAPES), "shapes"),
+            ms=axis("bench_m", "--bench-m", q["m"] if quick else _sweep.M),
+            rs=axis("bench_r", "--bench-r", q["r"] if quick else _sweep.R),
+            modes=axis("bench_modes", "--bench-modes", _sweep.MODES, _sweep.MODES),
+            e2e_batches=axis("bench_e2e_batch", "--bench-e2e-batch", q["e2e_batch"] if quick else (2, 8)))
+        layers = opt("bench_e2e_layers") or (q["e2e_layers"] if quick else 4)
+        if layers < 1:
+            raise ValueError("--bench-e2e-layers must be >= 1")
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
-
-    selection = {k: opt(k) for k in _SELECTION if opt(k) not in (None, False)}
-    if opt("bench_peft_adapter_dtype") != "bf16":
-        selection["bench_peft_adapter_dtype"] = opt("bench_peft_adapter_dtype")
-    if opt("bench_fwd_grad"):
-        selection["bench_fwd_grad"] = True
     bench_dir = Path(__file__).resolve().parent
-    narrowed = any(Path(a.split("::")[0]).resolve() != bench_dir for a in config.args)
-    filtered = bool(config.option.keyword or config.option.markexpr)
-    out = opt("bench_out")
-    return _harness.BenchOptions(
-        sweep=sweep,
-        cases=cases,
-        impls=impls,
-        e2e=e2e,
-        e2e_impls=e2e_impls,
-        out_dir=Path(out) if out else None,
-        tag=opt("bench_tag"),
-        partial=bool(selection) or narrowed or filtered,
-        adapter_dtype=opt("bench_peft_adapter_dtype"),
-        fwd_grad=opt("bench_fwd_grad"),
-        warmup_ms=opt("bench_warmup_ms") or sweep.warmup_ms,
-        rep_ms=opt("bench_rep_ms") or sweep.rep_ms,
-        min_samples=opt("bench_min_samples") or sweep.min_samples,
-        measure_ceilings=not opt("bench_no_ceilings"),
-        selection=selection,
-    )
+    whole = all(Path(a.split("::")[0]).resolve() == bench_dir for a in config.args)
+    narrowed = quick or any(opt(k) for k in _NARROWING) or config.option.keyword or config.option.markexpr or not whole
 
+    def log(text: str) -> None:  # the terminal reporter registers after this hook: look it up when writing
+        tr = config.pluginmanager.get_plugin("terminalreporter")
+        tr.write_line(text) if tr else print(text)
 
-class _NoBenchmarkPlugin:
-    """Stands in for pytest-benchmark when it is not installed (or disabled): results still go to the JSON."""
-
-    @pytest.fixture
-    def benchmark(self):
-        return None
+    o.__dict__.update(
+        cols=tuple(c for c in known if named is None or c in named),
+        e2e_cols=tuple(c for c in _sweep.E2E_COLUMNS if named is None or c in named),
+        e2e=_e2e.E2E(layers=layers, **({"warmup_steps": 2, "timed_steps": 3} if quick else {})),
+        reference_all_m=named is not None and "reference" in named, full=not narrowed,
+        tag=opt("bench_tag") or ("quick" if quick else None), out_dir=opt("bench_out") and Path(opt("bench_out")),
+        command="pytest " + " ".join(map(_no_abs, config.invocation_params.args)), log=log)
+    return o
 
 
 def pytest_configure(config):
-    for line in (
-        "layer: a layer benchmark cell (bench/test_layers.py)",
-        "e2e: an end-to-end training-step benchmark (bench/test_e2e.py)",
-        "benchmark: pytest-benchmark settings (bench/ sets its GPU-time timer and group)",
-    ):
+    for line in ("layer: a layer benchmark cell", "e2e: an end-to-end training-step benchmark"):
         config.addinivalue_line("markers", line)
-    # error cells fail before using the fixture; pytest-benchmark would add a warning to the failure
     config.addinivalue_line("filterwarnings", "ignore:Benchmark fixture was not used")
-    if not config.pluginmanager.has_plugin("benchmark"):
-        config.pluginmanager.register(_NoBenchmarkPlugin(), "qlora-bench-no-pytest-benchmark")
-    opts = _options(config)
-    reason = _cuda_reason()
-    layer_cells = {c.cell_id(i): (c, i) for c in opts.cases for i in opts.impls}
-    e2e_cells = {f"e2e-b{b}-{i}": (i, b) for i in opts.e2e_impls for b in opts.e2e.batches}
-    config._qlora_bench = _State(opts, reason, _harness.BenchSession(opts), layer_cells, e2e_cells)
-
-
-def _state(config) -> _State:
-    return config._qlora_bench
+    no_cuda = _no_cuda_reason()
+    o = _options(config, no_cuda is not None)
+    config._qlora_bench = SimpleNamespace(
+        no_cuda=no_cuda, bench=_harness.Bench(o), doc=None, written=[], expected=None,
+        cells=_sweep.plan(o.shapes, o.ms, o.rs, o.modes, o.cols),
+        e2e_cells=[(c, b) for c in o.e2e_cols for b in o.e2e_batches])
 
 
 def pytest_generate_tests(metafunc):
-    st = _state(metafunc.config)
-    timer_mark = dict(timer=_timing.gpu_time_clock)
-    if "layer_cell" in metafunc.fixturenames:
-        if st.no_cuda_reason:
-            params = [pytest.param(NO_CUDA_ID, id=NO_CUDA_ID)]
-        else:
-            params = [
-                pytest.param(cid, id=cid, marks=pytest.mark.benchmark(group=case.id, **timer_mark))
-                for cid, (case, _impl) in st.layer_cells.items()
-            ]
-        metafunc.parametrize("layer_cell", params)
-    if "e2e_cell" in metafunc.fixturenames:
-        if st.no_cuda_reason:
-            params = [pytest.param(NO_CUDA_ID, id=NO_CUDA_ID)]
-        else:
-            params = [
-                pytest.param(cid, id=cid, marks=pytest.mark.benchmark(group=f"e2e batch={b}", **timer_mark))
-                for cid, (_impl, b) in st.e2e_cells.items()
-            ]
-        metafunc.parametrize("e2e_cell", params)
+    st = metafunc.config._qlora_bench
+    for name, cells, param in (
+        ("layer_cell", st.cells, lambda c: pytest.param(c, id=c.id, marks=pytest.mark.benchmark(group=c.row))),
+        ("e2e_cell", st.e2e_cells, lambda c: pytest.param(c, id=f"{c[0]}-b{c[1]}",
+                                                            marks=pytest.mark.benchmark(group=f"e2e batch {c[1]}"))),
+    ):
+        if name in metafunc.fixturenames:
+            metafunc.parametrize(name, [pytest.param(None, id="no-cuda")] if st.no_cuda else [param(c) for c in cells])
 
 
 def pytest_collection_modifyitems(config, items):
-    # layer cells first (a shape's weights are built once and freed), then the end-to-end models
-    items.sort(key=lambda it: 1 if it.get_closest_marker("e2e") else 0)
-    if _state(config).no_cuda_reason:
-        # one placeholder item per test function was generated; keep one, so the run reports one skip, one reason
-        del items[1:]
+    gpu = [it for it in items if it.get_closest_marker("layer") or it.get_closest_marker("e2e")]
+    if config._qlora_bench.no_cuda:  # one placeholder item, one skip, one reason
+        drop = set(map(id, gpu[1:]))
+        items[:] = [it for it in items if id(it) not in drop]
+    # CPU tests first, then the layers (one shape at a time, freed after it), then the training steps
+    items.sort(key=lambda it: 2 if it.get_closest_marker("e2e") else 1 if it.get_closest_marker("layer") else 0)
 
 
-def pytest_report_header(config):
-    st = _state(config)
-    if st.no_cuda_reason:
-        return [f"qlora_ext bench: every benchmark skips -- {st.no_cuda_reason}"]
-    o = st.opts
-    est = o.estimate()
-    return [
-        f"qlora_ext bench: sweep {o.sweep.name}{' (selection)' if o.selection else ''}: {len(o.cases)} layer cases x "
-        f"{len(o.impls)} implementations + {len(st.e2e_cells)} e2e cells; estimated {est['total_s'] / 60:.1f} min on an H200 "
-        f"(layers {est['layers_s']:.0f} s, setup {est['setup_s']:.0f} s, e2e {est['e2e_s']:.0f} s)",
-        "qlora_ext bench: pytest-benchmark figures are GPU time (CUDA events, L2 flushed), see bench/README.md",
-    ]
+def pytest_collection_finish(session):
+    st = session.config._qlora_bench  # what runs after -m / -k: a run is complete when all of it did
+    st.expected = tuple(sum(bool(it.get_closest_marker(m)) for it in session.items) for m in ("layer", "e2e"))
 
 
 @pytest.fixture(scope="session")
-def bench_session(request):
-    st = _state(request.config)
-    if st.no_cuda_reason:
-        pytest.skip(st.no_cuda_reason)
-    st.session.start()
-    yield st.session
-    st.session.release()
-
-
-@pytest.fixture
-def layer_case(layer_cell, request):
-    return _state(request.config).layer_cells[layer_cell]
-
-
-@pytest.fixture
-def e2e_case(e2e_cell, request):
-    return _state(request.config).e2e_cells[e2e_cell]
+def bench(request):
+    st = request.config._qlora_bench
+    if st.no_cuda:
+        pytest.skip(st.no_cuda)
+    if not st.bench.started:
+        st.bench.start()
+    yield st.bench
+    st.bench.release()
 
 
 def pytest_sessionfinish(session, exitstatus):
     st = getattr(session.config, "_qlora_bench", None)
-    if st is None or not st.session.started or not (st.session.layer_rows or st.session.e2e_rows):
-        return
-    complete = exitstatus not in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR)
-    st.written = st.session.write(complete=complete)
+    if st is not None and st.bench.started and (st.bench.cells or st.bench.e2e):
+        b = st.bench
+        st.doc, st.written = b.write(complete=(len(b.cells), len(b.e2e)) == st.expected)
 
 
-@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables: the compact table and the paths end the output
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables: the summary and the paths end the output
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     st = getattr(config, "_qlora_bench", None)
-    if st is None or not st.session.started:
-        return
-    tr = terminalreporter
-    tr.section("qlora_ext bench")
-    for line in st.session.summary_lines():
-        tr.write_line(line)
-    if st.written:
-        tr.write_line("")
-        for kind, path in st.written.items():
-            tr.write_line(f"{kind:>4}: {path}")
-    d = st.session.document(complete=True)["durations_s"]
-    tr.write_line(f"time: session {d['session']} s (layers {d['layers']} s, e2e {d['e2e']} s; estimated {d['estimate']} s)")
-    if os.environ.get(_harness.ENV_OUT) and not st.opts.out_dir:
-        tr.write_line(f"(output directory from ${_harness.ENV_OUT})")
+    if st is not None and st.doc is not None:
+        terminalreporter.section("qlora_ext bench")
+        for line in report.summary_lines(st.doc) + [f"wrote {p}" for p in st.written]:
+            terminalreporter.write_line(line)

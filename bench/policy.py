@@ -1,0 +1,167 @@
+"""The dispatch table qlora_ext.policy loads, generated from a measured sweep with the qlora_ext[<path>] columns:
+
+    python -m bench.policy bench/results/<date>-<gpu>.json [--out qlora_ext/policy_table.json]
+
+shape_class(n, k) = "small" if n*k <= 2**25, else "expand" if n >= k, else "reduce". For the measured m values
+m_1 < ... < m_j, bucket i covers m <= floor(sqrt(m_i * m_(i+1))), the last one any larger m (m_max null). Per
+(shape_class, bucket) the forward path is the one whose worst ratio to the fastest path, over the class's measured
+shapes and ranks at m_i, is smallest; the backward path likewise on (fwd+bwd time - fwd time) (gemv serves no
+backward). A path with an error or no figure in a cell of the group is not a candidate. Then every measured cell is
+checked: the chosen paths must not be slower than bnb+PEFT, and each cell where they are is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shlex
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = ("small", "expand", "reduce")
+NO_BACKWARD = ("gemv",)
+
+
+def shape_class(n: int, k: int) -> str:
+    return "small" if n * k <= 2**25 else ("expand" if n >= k else "reduce")
+
+
+def buckets(ms) -> list[tuple[int, int | None]]:
+    """[(measured m, m_max)]: geometric midpoints between neighbours, the last bucket open-ended."""
+    ms = sorted(set(ms))
+    return [(m, math.isqrt(m * ms[i + 1]) if i + 1 < len(ms) else None) for i, m in enumerate(ms)]
+
+
+def _phase(fig: dict, phase: str) -> float | None:
+    """fwd: the fwd time; bwd: fwd+bwd time - fwd time (at least 1 µs: noise can make it negative)."""
+    if phase == "fwd":
+        return fig.get("fwd")
+    return max(fig["fwd+bwd"] - fig["fwd"], 1e-3) if "fwd" in fig and "fwd+bwd" in fig else None
+
+
+def _collect(doc):
+    """({(shape, k, n, m, r): {implementation: {mode: ms}}}, {(key, implementation) that errored}, paths)."""
+    figs: dict = defaultdict(lambda: defaultdict(dict))
+    errors, paths = set(), []
+    for c in doc["cells"]:
+        key, impl = (c["shape"], c["k"], c["n"], c["m"], c["r"]), c["implementation"]
+        if impl.startswith("qlora_ext[") and impl[10:-1] not in paths:
+            paths.append(impl[10:-1])
+        if c["status"] == "ok" and c.get("median_ms") is not None:
+            figs[key][impl][c["mode"]] = c["median_ms"]
+        elif c["status"] == "error":
+            errors.add((key, impl))
+    return figs, errors, paths
+
+
+def _choose(figs, errors, keys, paths, phase):
+    """(chosen path, why) for one group of cells."""
+    cand = [p for p in paths if not (phase == "bwd" and p in NO_BACKWARD)
+            and all((k, f"qlora_ext[{p}]") not in errors
+                    and _phase(figs[k].get(f"qlora_ext[{p}]", {}), phase) is not None for k in keys)]
+    if not cand:  # qlora_ext.policy takes path names only: the portable kernels, and the why says so
+        return "fused", f"{phase} fused: no path measured in every cell (not measured: the portable kernels)"
+    t = {k: {p: _phase(figs[k][f"qlora_ext[{p}]"], phase) for p in cand} for k in keys}
+    worst = {p: max(t[k][p] / min(t[k].values()) for k in keys) for p in cand}
+    ranked = sorted(cand, key=lambda p: (worst[p], sum(t[k][p] for k in keys), paths.index(p)))
+    best = ranked[0]
+    k = max(keys, key=lambda k: (k[1] * k[2], -k[4]))  # the example: the largest shape, the smallest r
+    nxt = ranked[1] if len(ranked) > 1 else None
+    bnb = _phase(figs[k].get("bnb_peft", {}), phase)
+    return best, (f"{phase} {best} {t[k][best]:.3f}" + (f" vs {nxt} {t[k][nxt]:.3f}" if nxt else "") + " ms"
+                  + (f", bnb+PEFT {bnb:.3f}" if bnb is not None else "") + f" ({k[0]} r{k[4]}; worst "
+                  + f"{worst[best]:.2f}x best" + (f" vs {worst[nxt]:.2f}x" if nxt else "")
+                  + f" over {len(keys)} cells)")
+
+
+def _check(figs, choice) -> list[str]:
+    """Every measured cell where the chosen paths are slower than bnb+PEFT."""
+    bad = []
+    for key in sorted(figs, key=lambda k: (k[1] * k[2], k[0], k[4], k[3])):
+        fwd_p, bwd_p = choice.get((shape_class(key[2], key[1]), key[3]), (None, None))
+        bnb, f = figs[key].get("bnb_peft", {}), figs[key].get(f"qlora_ext[{fwd_p}]", {})
+        b = figs[key].get(f"qlora_ext[{bwd_p}]", {})
+        ours = {"fwd": f.get("fwd")}
+        if fwd_p == bwd_p and "fwd+bwd" in f:
+            ours["fwd+bwd"] = f["fwd+bwd"]
+        elif "fwd" in f and _phase(b, "bwd") is not None:
+            ours["fwd+bwd"] = f["fwd"] + _phase(b, "bwd")
+        for mode, t in ours.items():
+            if t is not None and mode in bnb and t > bnb[mode]:
+                paths = fwd_p if mode == "fwd" else f"{fwd_p}/{bwd_p}"
+                bad.append(f"{key[0]} m={key[3]} r={key[4]} {mode}: {t:.4f} ms ({paths}) vs bnb+PEFT "
+                           f"{bnb[mode]:.4f} ms ({t / bnb[mode]:.2f}x)")
+    return bad
+
+
+def generate(doc) -> tuple[list[dict], list[str], list[str]]:
+    """(rules, violations, warnings)."""
+    figs, errors, paths = _collect(doc)
+    measured = [k for k in figs if any(i.startswith("qlora_ext[") for i in figs[k])]
+    cc = str(doc.get("gpu", {}).get("capability", "?"))
+    rules, choice, warn = [], {}, []
+    for cls in CLASSES:
+        for m, m_max in buckets(k[3] for k in measured):
+            keys = [k for k in measured if k[3] == m and shape_class(k[2], k[1]) == cls]
+            if not keys:
+                continue
+            (fwd, why_f), (bwd, why_b) = (_choose(figs, errors, keys, paths, ph) for ph in ("fwd", "bwd"))
+            warn += [f"{cls} m={m}: {w}" for w in (why_f, why_b) if "not measured" in w]
+            rules.append({"cc": cc, "dtype": "*", "shape_class": cls, "m_max": m_max, "fwd": fwd, "bwd": bwd,
+                          "why": f"{why_f}; {why_b}"})
+            choice[(cls, m)] = (fwd, bwd)
+    rules += [{**r, "cc": "*"} for r in rules]
+    return rules, _check(figs, choice), warn
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(prog="python -m bench.policy", description=__doc__.splitlines()[0])
+    ap.add_argument("json", help="a sweep JSON written by `pytest bench/` with the qlora_ext[<path>] columns")
+    ap.add_argument("--out", default=str(REPO / "qlora_ext" / "policy_table.json"),
+                    help="default: qlora_ext/policy_table.json")
+    a = ap.parse_args(argv)
+    doc = json.loads(Path(a.json).read_text())
+    rules, bad, warn = generate(doc)
+    if not rules:
+        print(f"bench.policy: {a.json} has no qlora_ext[<path>] figures: nothing to choose from", file=sys.stderr)
+        return 1
+    src = os.path.relpath(Path(a.json).resolve(), REPO)
+    gpu = doc.get("gpu", {})
+    table = {
+        "source": src if not src.startswith("..") else a.json,
+        "gpu": gpu.get("name", "?"),
+        "generated": datetime.date.today().isoformat(),
+        "command": "python -m bench.policy " + " ".join(map(shlex.quote, argv)),
+        "note": (f"Generated by bench/policy.py from a sweep measured on {gpu.get('name')} "
+                 f"(cc {gpu.get('capability')}); "
+                 "do not edit. shape_class(n, k): small if n*k <= 2**25, else expand if n >= k, else reduce; a rule "
+                 "covers m <= m_max (null: any larger m). fwd/bwd: the path with the smallest worst-case ratio to the "
+                 "fastest path over the measured shapes and ranks (bwd time = fwd+bwd - fwd). cc '*' rows repeat the "
+                 "measured cc for GPUs never measured; dtype '*': fp16 runs the same kernels and bytes as bf16. "
+                 f"Cells where these choices are slower than bnb+PEFT: {len(bad)}."),
+        "rules": rules,
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(table, indent=2) + "\n")
+    for r in rules[: len(rules) // 2]:
+        m_max = r["m_max"] if r["m_max"] is not None else "inf"
+        print(f"{r['shape_class']:>6} m<={m_max:<6} fwd {r['fwd']:<12} bwd {r['bwd']:<12} {r['why']}")
+    for w in warn:
+        print(f"bench.policy: WARNING {w}", file=sys.stderr)
+    if bad:
+        print(f"\n!!! bench.policy: the chosen paths are SLOWER than bnb+PEFT in {len(bad)} measured cells:",
+              file=sys.stderr)
+        for line in bad:
+            print(f"!!!   {line}", file=sys.stderr)
+    print(f"wrote {a.out} ({len(rules)} rules)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
