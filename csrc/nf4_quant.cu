@@ -1,4 +1,4 @@
-// NF4 quantize / dequantize (bitsandbytes-compatible storage, ARCHITECTURE §2).
+// NF4 quantize / dequantize (bitsandbytes-compatible storage: csrc/README.md, "NF4 storage").
 // Twins: qlora_ext.reference.quantize_nf4 / dequantize_nf4 — bit-exact; the rule (normalisation, thresholds,
 // tie-breaking, zero blocks, nested map search) is the module docstring of reference.py, mirrored step by step
 // below ("rule 1".."rule 8" refer to it).
@@ -8,8 +8,8 @@
 //   nf4_quantize_nested_kernel absmax - offset -> uint8 codes + nested_absmax (1/64 of the data; negligible)
 //   nf4_dequantize_kernel      packed nibbles -> w [n, k] (bf16/fp16/fp32)    reads 0.5 B/elem, writes 2-4 B/elem
 // Floors at 4.27 TB/s for a 14336x4096 weight (58.7M elements): quantize from bf16 146 MB -> 34 us;
-// dequantize to bf16 146 MB -> 34 us. These run once per model load (quantize) or in tests/merge (dequantize),
-// never inside the training step, so the kernels aim at the floor without heroics.
+// dequantize to bf16 29.4 MB + 117 MB = 146 MB -> 34 us. Quantize runs once per model load; dequantize also runs
+// inside the training step on the decode + cuBLAS path (slab by slab), so it is built to stream at the floor.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -22,17 +22,18 @@
 #include <cmath>
 #include <vector>
 
+#include <torch/library.h>
+
 #include "common/checks.h"
 #include "common/nf4.cuh"
-#include "launchers.h"
+#include "common/nf4_tensors.h"
 
+namespace qlora_ext {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kQuantElemsPerThread = 8;    // 8 elements -> 4 packed bytes: one 32-bit store per thread
-constexpr int kQuantThreadsPerBlock = nf4::kBlockSize / kQuantElemsPerThread;  // 8 lanes share one absmax
-constexpr int kDequantBytesPerThread = 16; // one 16-byte load = 32 elements; a block (>= 32 elems) never splits it
-constexpr int kDequantElemsPerThread = 2 * kDequantBytesPerThread;
+constexpr int kQuantThreadsPerBlock = kNF4BlockSize / kQuantElemsPerThread;  // 8 lanes share one absmax
 constexpr float kAbsmaxFloor = 1e-38f;     // rule 2: bnb's clamp; subnormal in fp32, kept (no FTZ: PTX .rn ops)
 
 // The NF4 codebook as the reference builds it: Python float (double) literals rounded once to fp32.
@@ -131,9 +132,9 @@ __global__ void __launch_bounds__(kThreads) nf4_quantize_kernel(const __grid_con
   for (int d = 1; d < kQuantThreadsPerBlock; d <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
 
   if (e0 >= p.numel) return;  // no element of this thread exists (no further shuffles below)
-  const int64_t block = e0 / nf4::kBlockSize;
+  const int64_t block = e0 / kNF4BlockSize;
   const float denom = fmaxf(amax, kAbsmaxFloor);
-  const bool partial = (block + 1) * nf4::kBlockSize > p.numel;
+  const bool partial = (block + 1) * kNF4BlockSize > p.numel;
   // Rule 4: a full block stores its absmax as is; the partial last block stores the clamped divisor (bnb CPU).
   if ((threadIdx.x & (kQuantThreadsPerBlock - 1)) == 0) p.absmax[block] = partial ? denom : amax;
 
@@ -177,15 +178,15 @@ __device__ __forceinline__ uint32_t dynamic_code(float v, const float* __restric
 // Rules 6-7: one CTA per 256-block group, one absmax per thread. a = fp32(absmax - offset); the group's
 // max |a| is reduced in-CTA; v = a * rcp(max|a|) in every group, partial last group included. No floor here
 // (as in bnb's nested pass): an all-equal group gives 0 * inf = NaN, which rule 8 codes as 0.
-__global__ void __launch_bounds__(nf4::kNestedBlockSize)
+__global__ void __launch_bounds__(kNF4NestedBlockSize)
     nf4_quantize_nested_kernel(const __grid_constant__ NF4QuantParams p) {
-  static_assert(nf4::kNestedBlockSize == 256, "one thread per absmax of a nested group");
+  static_assert(kNF4NestedBlockSize == 256, "one thread per absmax of a nested group");
   __shared__ float map_s[256];
-  __shared__ float warp_max[nf4::kNestedBlockSize / 32];
+  __shared__ float warp_max[kNF4NestedBlockSize / 32];
   map_s[threadIdx.x] = p.nested_code[threadIdx.x];
 
   const int64_t group = blockIdx.x;
-  const int64_t b = group * nf4::kNestedBlockSize + threadIdx.x;
+  const int64_t b = group * kNF4NestedBlockSize + threadIdx.x;
   const bool valid = b < p.nblocks;
   const float a = valid ? nf4_sub_rn(p.absmax[b], __ldg(p.offset)) : 0.0f;
 
@@ -196,7 +197,7 @@ __global__ void __launch_bounds__(nf4::kNestedBlockSize)
   __syncthreads();  // also publishes map_s
   amax = warp_max[0];
 #pragma unroll
-  for (int w = 1; w < nf4::kNestedBlockSize / 32; ++w) amax = fmaxf(amax, warp_max[w]);
+  for (int w = 1; w < kNF4NestedBlockSize / 32; ++w) amax = fmaxf(amax, warp_max[w]);
 
   if (threadIdx.x == 0) p.nested_absmax[group] = amax;
   if (valid) {
@@ -206,61 +207,114 @@ __global__ void __launch_bounds__(nf4::kNestedBlockSize)
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Dequantize family.
+// Dequantize: packed nibbles -> out [n, k] (bf16 / fp16 / fp32) with row pitch ld >= k.
 // ------------------------------------------------------------------------------------------------------------
+// A lane owns one piece at a time: 4 packed bytes = 8 consecutive elements = one 16-byte store of bf16/fp16
+// (two of fp32). Consecutive lanes own consecutive pieces, so each warp load reads 128 contiguous packed bytes
+// and each warp store writes 512 contiguous bytes of bf16: whole 32-byte sectors, no strided partial writes. A
+// warp chunk is kDqRounds = 8 such rounds = 256 pieces = 2048 elements = 32 NF4 blocks: lane l computes the
+// scale of block l of its chunk once (absmax / nested loads, bnb's rounding order) and the 8 lanes of a block
+// take it with one shuffle per round. A lane issues all 8 of its packed loads (read once: ld.global.cs,
+// evict-first) before the first decode. Output stores stay ordinary write-back: the decode + cuBLAS path wants
+// a just-decoded slab to still be in L2 when the GEMM reads it.
+// Decode: w = T(fp32(code[nibble] * scale)) with nf4_mul_rn (no FMA contraction) and round-to-nearest-even
+// conversion, exactly reference.dequantize_nf4. Per element: one shift/mask, one LDS of the 16-word codebook
+// (all lanes read one 64-byte table: broadcasts, no bank conflicts), one FMUL, half a pack: 58.7M elements ->
+// ~7 us of LDS issue on an H200, under the DRAM time.
+// Floor, 4096x14336 -> bf16: 29.4 MB packed + 117.4 MB out = 146.8 MB at 4.27 TB/s = 34.4 us. Prediction:
+// ~38 us (~90 % of the floor, what a large streaming copy reaches); target <= 45 us. Not yet measured on a GPU.
+constexpr int kDqRounds = 8;                       // pieces per lane per warp chunk
+constexpr int kDqPiecesPerWarp = 32 * kDqRounds;   // 256 pieces = 2048 elements
+static_assert(kDqPiecesPerWarp * 8 == 32 * kNF4BlockSize, "one block scale per lane of a warp chunk");
+
 struct NF4DequantParams {
   NF4View w;                 // storage of the [n, k] weight
-  void* out;                 // [n, k] bf16 / fp16 / fp32, fresh allocation (16-byte aligned)
+  void* out;                 // element (row, col) at out + row * ld + col; bf16 / fp16 / fp32
   int64_t numel;             // n * k
-  int64_t nchunks;           // ceil(numel / 32): one 16-byte chunk of packed bytes per thread
-  int block_shift;           // log2(blocksize), blocksize a power of two >= 32
-  bool w_aligned16;          // w_nf4's data pointer is 16-byte aligned -> vector loads allowed
+  int64_t nblocks;           // ceil(numel / 64)
+  int64_t ld;                // row pitch of out in elements (ld == k: the flat index is the offset)
+  uint32_t pieces_per_row;   // k / 8 (strided only: k % 8 == 0, so a piece never straddles rows)
+  bool strided;              // ld != k
+  bool out_vec;              // 16-byte stores: out 16-byte aligned (and ld * elem % 16 == 0 when strided)
+  bool w_vec;                // w_nf4 4-byte aligned: one 32-bit load per piece
 };
 
-// Thread = 16 packed bytes = 32 elements, all inside one block (blocksize >= 32, chunks 32-element aligned), so
-// the scale is computed once per thread. Decode: w = out(fp32(code[nibble] * scale)) with code[] in shared
-// memory. (Building the 16 decoded values per block first, as the GEMM decoders do, is bit-identical but does
-// not pay here: a block's table would be used by only 32 elements, and a per-thread table lookup in shared
-// memory bank-conflicts, while all lanes reading the one 16-word codebook never do. One LDS + one FMUL + one
-// cvt per element is far below the memory floor: 58.7M elements -> ~7 us of LDS issue vs 34 us of DRAM.)
+// Decode one piece (packed word `word`, byte j = elements 2j (high nibble) and 2j+1 (low nibble)) and store
+// its `count` (<= 8) valid elements at dst; vec: all 8 valid and dst 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void dequant_piece(T* dst, uint32_t word, float scale, const float* code_s, bool vec,
+                                              int count) {
+  alignas(16) T vals[8];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    vals[2 * j] = from_f32<T>(nf4_mul_rn(code_s[(word >> (8 * j + 4)) & 0xFu], scale));
+    vals[2 * j + 1] = from_f32<T>(nf4_mul_rn(code_s[(word >> (8 * j)) & 0xFu], scale));
+  }
+  if (vec) {
+#pragma unroll
+    for (int v = 0; v < int(8 * sizeof(T) / 16); ++v)
+      reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(vals)[v];
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)  // unrolled with a predicate: a runtime bound would put vals[] in local memory
+      if (i < count) dst[i] = vals[i];
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) nf4_dequantize_kernel(const __grid_constant__ NF4DequantParams p) {
   __shared__ float code_s[16];
   if (threadIdx.x < 16) code_s[threadIdx.x] = __ldg(p.w.code + threadIdx.x);
-  __syncthreads();
 
-  const int64_t chunk = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (chunk >= p.nchunks) return;
-  const int64_t e0 = chunk * kDequantElemsPerThread;
-  const int64_t byte0 = chunk * kDequantBytesPerThread;
+  // No early exit anywhere before the last shuffle: all 32 lanes of a warp take part in every round.
+  const int lane = threadIdx.x & 31;
+  const int64_t piece0 = ((int64_t(blockIdx.x) * kThreads + threadIdx.x) >> 5) * kDqPiecesPerWarp;
   const int64_t nbytes = (p.numel + 1) / 2;
-  const float scale = nf4_block_scale(p.w, e0 >> p.block_shift);
 
-  // Packed bytes are read once: ld.global.cs (evict-first). The tail chunk falls back to bounded byte loads.
-  alignas(16) uint8_t bytes[kDequantBytesPerThread];
-  if (p.w_aligned16 && byte0 + kDequantBytesPerThread <= nbytes) {
-    *reinterpret_cast<uint4*>(bytes) = __ldcs(reinterpret_cast<const uint4*>(p.w.w_nf4 + byte0));
-  } else {
+  uint32_t words[kDqRounds];
 #pragma unroll
-    for (int i = 0; i < kDequantBytesPerThread; ++i)
-      bytes[i] = (byte0 + i < nbytes) ? __ldg(p.w.w_nf4 + byte0 + i) : uint8_t(0x77);
+  for (int i = 0; i < kDqRounds; ++i) {
+    const int64_t b = 4 * (piece0 + 32 * i + lane);  // packed bytes [b, b + 4)
+    if (p.w_vec && b + 4 <= nbytes) {
+      words[i] = __ldcs(reinterpret_cast<const unsigned int*>(p.w.w_nf4 + b));
+    } else {  // misaligned storage or the ragged end
+      uint32_t v = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v |= b + j < nbytes ? uint32_t(__ldg(p.w.w_nf4 + b + j)) << (8 * j) : 0u;
+      words[i] = v;
+    }
   }
+  const int64_t block = piece0 / 8 + lane;  // = block `lane` of this warp chunk
+  const float my_scale = block < p.nblocks ? nf4_block_scale(p.w, block) : 0.f;
+  __syncthreads();  // code_s
 
-  alignas(16) T vals[kDequantElemsPerThread];
-#pragma unroll
-  for (int i = 0; i < kDequantBytesPerThread; ++i) {
-    vals[2 * i] = from_f32<T>(nf4_mul_rn(code_s[bytes[i] >> 4], scale));
-    vals[2 * i + 1] = from_f32<T>(nf4_mul_rn(code_s[bytes[i] & 0xF], scale));
+  // Strided out: row and 8-column group of the lane's first piece, then stepped by 32 pieces per round
+  // (one division per lane per chunk; npieces < 2^31 checked on the host).
+  uint32_t row = 0, col8 = 0;
+  if (p.strided) {
+    const uint32_t q = static_cast<uint32_t>(piece0 + lane);
+    row = q / p.pieces_per_row;
+    col8 = q - row * p.pieces_per_row;
   }
-
-  // 32 elements = 64 B (bf16/fp16) or 128 B (fp32) of contiguous output per thread, 16-byte stores.
-  T* out = static_cast<T*>(p.out) + e0;
-  if (e0 + kDequantElemsPerThread <= p.numel) {
-    constexpr int kVecs = kDequantElemsPerThread * int(sizeof(T)) / 16;
+  T* out = static_cast<T*>(p.out);
 #pragma unroll
-    for (int v = 0; v < kVecs; ++v) reinterpret_cast<uint4*>(out)[v] = reinterpret_cast<const uint4*>(vals)[v];
-  } else {
-    for (int i = 0; i < kDequantElemsPerThread && e0 + i < p.numel; ++i) out[i] = vals[i];
+  for (int i = 0; i < kDqRounds; ++i) {
+    const float scale = __shfl_sync(0xffffffffu, my_scale, 4 * i + (lane >> 3));  // block (32 i + lane) / 8
+    const int64_t e0 = 8 * (piece0 + 32 * i + lane);
+    if (p.strided) {
+      if (i > 0) {
+        col8 += 32;
+        while (col8 >= p.pieces_per_row) {
+          col8 -= p.pieces_per_row;
+          ++row;
+        }
+      }
+      if (e0 < p.numel)  // numel % 8 == 0 here: every piece is whole
+        dequant_piece<T>(out + int64_t(row) * p.ld + 8 * int64_t(col8), words[i], scale, code_s, p.out_vec, 8);
+    } else if (e0 < p.numel) {
+      const int count = p.numel - e0 < 8 ? int(p.numel - e0) : 8;
+      dequant_piece<T>(out + e0, words[i], scale, code_s, p.out_vec && count == 8, count);
+    }
   }
 }
 
@@ -288,17 +342,18 @@ void launch_nf4_quantize(const NF4QuantParams& p, at::ScalarType wdtype, cudaStr
 
 void launch_nf4_quantize_nested(const NF4QuantParams& p, cudaStream_t stream) {
   TORCH_CHECK(p.ngroups <= int64_t(INT32_MAX), "quantize_nf4: too many nested groups (", p.ngroups, ")");
-  nf4_quantize_nested_kernel<<<dim3(unsigned(p.ngroups)), nf4::kNestedBlockSize, 0, stream>>>(p);
+  nf4_quantize_nested_kernel<<<dim3(unsigned(p.ngroups)), kNF4NestedBlockSize, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void launch_nf4_dequantize(const NF4DequantParams& p, at::ScalarType dtype, cudaStream_t stream) {
-  const dim3 grid(unsigned(grid_for(p.nchunks)));
+  const int64_t warps = ceil_div(ceil_div(p.numel, 8), kDqPiecesPerWarp);
+  const dim3 grid(unsigned(grid_for(warps * 32)));
   switch (dtype) {
     case at::kFloat: nf4_dequantize_kernel<float><<<grid, kThreads, 0, stream>>>(p); break;
     case at::kHalf: nf4_dequantize_kernel<__half><<<grid, kThreads, 0, stream>>>(p); break;
     case at::kBFloat16: nf4_dequantize_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
-    default: TORCH_CHECK(false, "dequantize_nf4: dtype must be float32, float16 or bfloat16, got ", dtype);
+    default: TORCH_CHECK(false, "dequantize_nf4: out must be float32, float16 or bfloat16, got ", dtype);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -327,28 +382,25 @@ const std::array<float, 256>& dynamic_map_signed() {
   return table;
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
-
-}  // namespace
-
 // ------------------------------------------------------------------------------------------------------------
-// Host wrappers (launchers.h).
+// Op wrappers (schemas: csrc/ops.cpp).
 // ------------------------------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& w,
-                                                                             int64_t blocksize,
-                                                                             bool double_quant) {
-  static constexpr const char* kOp = "quantize_nf4";
+// Op qlora_ext::_quantize_nf4: w (float32/16, bfloat16, any shape, flattened row-major, contiguous, CUDA)
+// -> (w_nf4 uint8 [(numel+1)/2], absmax uint8 [nblocks] | fp32 [nblocks], nested_absmax fp32 [ceil(nblocks/256)]
+//     | empty [0], offset fp32 0-d | empty [0]), blocksize 64. Finite input is the caller's job (checking it
+//     here would need a host sync). Twin: reference.quantize_nf4.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4(const at::Tensor& w, bool double_quant) {
+  constexpr const char* kOp = "quantize_nf4";
   TORCH_CHECK(w.is_cuda(), kOp, ": w must be a CUDA tensor, got device ", w.device());
   const c10::cuda::CUDAGuard guard(w.device());
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16,
               kOp, ": w must be float32, float16 or bfloat16, got ", w.scalar_type());
-  qlora_checks::check_contiguous(kOp, "w", w);
-  TORCH_CHECK(w.numel() > 0, kOp, ": w must be non-empty, got shape ", qlora_checks::shape_str(w.sizes()));
-  qlora_checks::check_fast_blocksize(kOp, blocksize);
+  check_contiguous(kOp, "w", w);
+  TORCH_CHECK(w.numel() > 0, kOp, ": w must be non-empty, got shape ", shape_str(w.sizes()));
 
   const int64_t numel = w.numel();
-  const int64_t nblocks = qlora_checks::ceil_div(numel, nf4::kBlockSize);
-  const int64_t ngroups = qlora_checks::ceil_div(nblocks, nf4::kNestedBlockSize);
+  const int64_t nblocks = ceil_div(numel, kNF4BlockSize);
+  const int64_t ngroups = ceil_div(nblocks, kNF4NestedBlockSize);
   const auto opts = w.options();
   at::Tensor w_nf4 = at::empty({(numel + 1) / 2}, opts.dtype(at::kByte));
   at::Tensor absmax = at::empty({nblocks}, opts.dtype(at::kFloat));
@@ -387,31 +439,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4_cuda(con
   return {w_nf4, absmax_q8, nested_absmax, offset};
 }
 
-at::Tensor dequantize_nf4_cuda(const at::Tensor& w_nf4, const at::Tensor& absmax, const at::Tensor& code,
-                               const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& nested_code,
-                               const std::optional<at::Tensor>& offset, int64_t n, int64_t k, int64_t blocksize,
-                               at::ScalarType dtype) {
-  static constexpr const char* kOp = "dequantize_nf4";
-  TORCH_CHECK(w_nf4.is_cuda(), kOp, ": w_nf4 must be a CUDA tensor, got device ", w_nf4.device());
-  const c10::cuda::CUDAGuard guard(w_nf4.device());
-  TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0, kOp,
-              ": blocksize must be a power of two in [32, 4096], got ", blocksize);
+// Op qlora_ext::_dequantize_nf4_out: decode the [n, k] = out.shape weight in bundle w into out, bit-exact with
+// bnb's dequantize_4bit (twin: reference.dequantize_nf4). out: CUDA, bf16 / fp16 / fp32, 2-D, stride(1) == 1,
+// row pitch ld = stride(0) >= k. ld == k (or n == 1): any k and any data pointer. ld != k (e.g. the first k
+// columns of a wider workspace): k % 8 == 0, ld * elem_size % 16 == 0 and a 16-byte-aligned data pointer;
+// columns k..ld-1 are not touched.
+void dequantize_nf4_out(const OptionalTensorList& w, const at::Tensor& out) {
+  constexpr const char* kOp = "dequantize_nf4";
+  TORCH_CHECK(out.is_cuda(), kOp, ": out must be a CUDA tensor, got device ", out.device());
+  const c10::cuda::CUDAGuard guard(out.device());
+  const at::ScalarType dtype = out.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, kOp,
-              ": dtype must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(n >= 1 && k >= 1 && n <= INT64_MAX / k, kOp, ": [n, k] must be positive, got [", n, ", ", k, "]");
-  qlora_checks::check_nf4_weight(kOp, w_nf4, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize,
-                                 w_nf4.device());
+              ": out must be float32, float16 or bfloat16, got ", dtype);
+  check_2d(kOp, "out", out, "[n, k]");
+  const int64_t n = out.size(0), k = out.size(1);
+  TORCH_CHECK(n >= 1 && k >= 1 && n <= INT64_MAX / k, kOp, ": out must have a positive shape [n, k], got ",
+              shape_str(out.sizes()));
+  TORCH_CHECK(out.stride(1) == 1 || k == 1, kOp, ": out must have unit column stride, got strides ",
+              shape_str(out.strides()), " for shape ", shape_str(out.sizes()));
+  const int64_t ld = n == 1 ? k : out.stride(0);
+  TORCH_CHECK(ld >= k, kOp, ": out's row stride must be >= k = ", k, ", got strides ", shape_str(out.strides()));
+  const NF4Tensors wt = NF4Tensors::from_list(kOp, w, n, k, out.device());
+  const bool strided = ld != k;
+  const int64_t elem = static_cast<int64_t>(out.element_size());
+  if (strided) {
+    TORCH_CHECK(k % 8 == 0, kOp, ": a strided out (row stride ", ld, " != k) needs k % 8 == 0, got k = ", k);
+    TORCH_CHECK(ld * elem % 16 == 0, kOp, ": a strided out needs its row stride to be a multiple of 16 bytes, "
+                "got ", ld, " elements of ", elem, " bytes");
+    check_aligned(kOp, "out", out, 16);
+    TORCH_CHECK(n * k / 8 < (int64_t(1) << 31), kOp, ": a strided out of ", n * k, " elements is too large "
+                "(at most 2^34)");
+  }
 
-  at::Tensor out = at::empty({n, k}, w_nf4.options().dtype(dtype));
   NF4DequantParams p{};
-  p.w = make_nf4_view(w_nf4, absmax, code, nested_absmax, nested_code, offset);
+  p.w = wt.view();
   p.out = out.data_ptr();
   p.numel = n * k;
-  p.nchunks = qlora_checks::ceil_div(p.numel, kDequantElemsPerThread);
-  p.block_shift = 0;
-  while ((int64_t(1) << p.block_shift) < blocksize) ++p.block_shift;
-  p.w_aligned16 = aligned16(p.w.w_nf4);
+  p.nblocks = ceil_div(p.numel, kNF4BlockSize);
+  p.ld = ld;
+  p.pieces_per_row = static_cast<uint32_t>(strided ? k / 8 : 0);
+  p.strided = strided;
+  p.out_vec = aligned16(p.out);
+  p.w_vec = reinterpret_cast<uintptr_t>(p.w.w_nf4) % 4 == 0;
   launch_nf4_dequantize(p, dtype, c10::cuda::getCurrentCUDAStream());
-  return out;
+}
+
+}  // namespace
+}  // namespace qlora_ext
+
+TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
+  m.impl("_quantize_nf4", &qlora_ext::quantize_nf4);
+  m.impl("_dequantize_nf4_out", &qlora_ext::dequantize_nf4_out);
 }

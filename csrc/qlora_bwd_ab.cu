@@ -1,4 +1,4 @@
-// LoRA weight gradients in ONE launch (ARCHITECTURE §4 "dA / dB"):
+// LoRA weight gradients in ONE launch:
 //   dA [r, k] = gᵀ · dropout(x)        g [m, r] from the dx kernel, x [m, k]
 //   dB [n, r] = s · dyᵀ · u            dy [m, n], u [m, r] saved by the forward
 // Twin: the dA / dB outputs of qlora_ext.reference.qlora_linear_backward.
@@ -24,19 +24,19 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/dispatch.h"
 #include "common/dropout.cuh"
+#include "common/elem.cuh"
 #include "common/mma_sm80.cuh"
-#include "common/nf4_gemm.cuh"  // Elem<T>: bf16/fp16 pair packing shared with the GEMM kernels
-#include "launchers.h"
 
+namespace qlora_ext {
 namespace {
-
-using namespace qlora;  // smem_addr, cp_async_*, ldsm_x4_trans, mma_m16n8k16 (common/mma_sm80.cuh)
 
 constexpr int kBJ = 128;        // Big columns per CTA tile (dB: rows of dB; dA: columns of dA)
 constexpr int kWarpsJ = 4;      // warps side by side along j ...
@@ -85,10 +85,7 @@ struct BwdABParams {
   int splits;              // m ranges per tile
   int64_t rows_per_split;  // multiple of kBI
   float scaling;           // s, applied to dB in fp32 before rounding
-  bool dropout;            // p > 0: dA uses dropout(x)
-  uint32_t dropout_key;    // dropout_key(seed)
-  uint32_t dropout_thresh; // dropout_threshold(p)
-  float inv_keep;          // fp32(1 / (1 - p))
+  DropoutParams dropout;   // enabled: dA uses dropout(x), the mask of the forward
   bool dy_vec, x_vec, u_vec, g_vec;  // 16-byte cp.async allowed (row length % 8 == 0 and base 16-B aligned)
 };
 
@@ -133,12 +130,12 @@ __device__ __forceinline__ void load_tile(uint8_t* smem, const T* __restrict__ s
 
 // Dropout on a B-fragment register of x: it packs x[i][j] (low) and x[i+1][j] (high) — two *rows*, because m is
 // the mma k dimension here — so their counters are idx and idx + k. keep ? out(fp32(x) * fp32(1/(1-p))) : 0,
-// the contract's rounding (same as reference.dropout), then the product runs on the rounded value.
+// the rounding of reference.dropout, then the product runs on the rounded value.
 template <typename T>
 __device__ __forceinline__ uint32_t dropout_rows(uint32_t v, uint64_t idx, uint64_t k, const BwdABParams& p) {
   const float2 f = Elem<T>::unpack2(v);
-  const float lo = dropout_keep(p.dropout_key, p.dropout_thresh, idx) ? __fmul_rn(f.x, p.inv_keep) : 0.0f;
-  const float hi = dropout_keep(p.dropout_key, p.dropout_thresh, idx + k) ? __fmul_rn(f.y, p.inv_keep) : 0.0f;
+  const float lo = p.dropout.keep(idx) ? __fmul_rn(f.x, p.dropout.inv_keep) : 0.0f;
+  const float hi = p.dropout.keep(idx + k) ? __fmul_rn(f.y, p.dropout.inv_keep) : 0.0f;
   return Elem<T>::pack2(lo, hi);
 }
 
@@ -163,7 +160,7 @@ __global__ void __launch_bounds__(Cfg<kR>::kThreads, Cfg<kR>::kMinBlocks)
   const int64_t ncols = is_dB ? p.n : p.k;  // Big's row length = its leading dimension
   const bool big_vec = is_dB ? p.dy_vec : p.x_vec;
   const bool s_vec = is_dB ? p.u_vec : p.g_vec;
-  const bool drop = !is_dB && p.dropout;
+  const bool drop = !is_dB && p.dropout.enabled;
 
   const int64_t i_begin = int64_t(split) * p.rows_per_split;
   const int64_t i_end = std::min(p.m, i_begin + p.rows_per_split);
@@ -262,14 +259,15 @@ __global__ void __launch_bounds__(Cfg<kR>::kThreads, Cfg<kR>::kMinBlocks)
     __syncthreads();
     if (!is_last_s) return;
     __threadfence();  // acquire: other CTAs' partials, read below with ld.global.cg (L2, never a stale L1)
+    // This CTA's own partial is read back from the workspace too (the same fp32 bits it stored above): keeping
+    // acc live across the sum made kR = 128 spill at its 128-register cap.
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
         float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         for (int s = 0; s < p.splits; ++s) {
-          const float4 v = s == split ? make_float4(acc[mt][nt][0], acc[mt][nt][1], acc[mt][nt][2], acc[mt][nt][3])
-                                      : __ldcg(ws + int64_t(s) * kPartial4 + (mt * kNT + nt) * kThreads + threadIdx.x);
+          const float4 v = __ldcg(ws + int64_t(s) * kPartial4 + (mt * kNT + nt) * kThreads + threadIdx.x);
           sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
         }
         acc[mt][nt][0] = sum.x; acc[mt][nt][1] = sum.y; acc[mt][nt][2] = sum.z; acc[mt][nt][3] = sum.w;
@@ -369,42 +367,36 @@ void launch_bwd_ab_impl(BwdABParams& p, int num_sms, cudaStream_t stream,
 
 // The launcher: picks kR = r rounded up to {16, 32, 64, 128} and the dtype; sets smem; launches once.
 void launch_qlora_bwd_ab(BwdABParams& p, at::ScalarType dtype, const at::TensorOptions& opts,
-                         at::Tensor& workspace, at::Tensor& counters) {
+                         at::Tensor& workspace, at::Tensor& counters, cudaStream_t stream) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   int num_sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto by_rank = [&](auto tag) {
+  dispatch_half(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (p.r <= 16) launch_bwd_ab_impl<T, 16>(p, num_sms, stream, workspace, counters, opts);
-    else if (p.r <= 32) launch_bwd_ab_impl<T, 32>(p, num_sms, stream, workspace, counters, opts);
-    else if (p.r <= 64) launch_bwd_ab_impl<T, 64>(p, num_sms, stream, workspace, counters, opts);
-    else launch_bwd_ab_impl<T, 128>(p, num_sms, stream, workspace, counters, opts);
-  };
-  if (dtype == at::kBFloat16) by_rank(__nv_bfloat16{});
-  else by_rank(__half{});
+    dispatch_rank(p.r, [&](auto rank_bucket) {
+      launch_bwd_ab_impl<T, decltype(rank_bucket)::value>(p, num_sms, stream, workspace, counters, opts);
+    });
+  });
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> qlora_bwd_ab_cuda(const at::Tensor& dy, const at::Tensor& x,
-                                                     const at::Tensor& u, const at::Tensor& g, double scaling,
-                                                     double dropout_p, int64_t seed) {
-  namespace qc = qlora_checks;
-  static constexpr const char* kOp = "qlora_linear_backward";
-  qc::check_activation(kOp, "x", x);
+// Op qlora_ext::_bwd_ab (schema: csrc/ops.cpp) -> (dA [r, k], dB [n, r]) in x's dtype.
+// Device guard → checks → allocate → Params → launch.
+std::tuple<at::Tensor, at::Tensor> bwd_ab(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& u,
+                                          const at::Tensor& g, double scaling, double dropout_p, int64_t seed) {
+  constexpr const char* kOp = "qlora_linear_backward";
+  check_activation(kOp, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(g.dim() == 2, kOp, ": g must be 2-D [m, r], got shape ", qc::shape_str(g.sizes()));
-  TORCH_CHECK(dy.dim() == 2, kOp, ": dy must be 2-D [m, n], got shape ", qc::shape_str(dy.sizes()));
+  check_2d(kOp, "g", g, "[m, r]");
+  check_2d(kOp, "dy", dy, "[m, n]");
   const int64_t r = g.size(1), n = dy.size(1);
-  qc::check_fast_path_sizes(kOp, k, r);
+  check_fast_path_sizes(kOp, k, r);
   TORCH_CHECK(n >= 1, kOp, ": n (out_features) must be >= 1, got ", n);
-  qc::check_matrix(kOp, "dy", dy, x.scalar_type(), "[m, n]", m, n, x.device());
-  qc::check_matrix(kOp, "u", u, x.scalar_type(), "[m, r]", m, r, x.device());
-  qc::check_matrix(kOp, "g", g, x.scalar_type(), "[m, r]", m, r, x.device());
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, kOp, ": dropout_p must be in [0, 1), got ", dropout_p);
+  check_matrix(kOp, "dy", dy, x.scalar_type(), "[m, n]", m, n, x.device());
+  check_matrix(kOp, "u", u, x.scalar_type(), "[m, r]", m, r, x.device());
+  check_matrix(kOp, "g", g, x.scalar_type(), "[m, r]", m, r, x.device());
+  check_dropout_p(kOp, dropout_p);
   TORCH_CHECK(n <= int64_t(INT32_MAX) / kBJ && k <= int64_t(INT32_MAX) / kBJ, kOp, ": n or k too large");
 
   const auto opts = x.options();
@@ -423,19 +415,21 @@ std::tuple<at::Tensor, at::Tensor> qlora_bwd_ab_cuda(const at::Tensor& dy, const
   p.n = n;
   p.k = k;
   p.r = int(r);  // 1 <= r <= 128 checked above
-  p.tiles_dB = int(qc::ceil_div(n, kBJ));
-  p.tiles = p.tiles_dB + int(qc::ceil_div(k, kBJ));
+  p.tiles_dB = int(ceil_div(n, kBJ));
+  p.tiles = p.tiles_dB + int(ceil_div(k, kBJ));
   p.scaling = float(scaling);
-  p.dropout = dropout_p > 0.0;
-  p.dropout_key = dropout_key(seed);
-  p.dropout_thresh = dropout_threshold(dropout_p);
-  p.inv_keep = float(1.0 / (1.0 - dropout_p));
+  p.dropout = make_dropout(dropout_p, seed);
   p.dy_vec = n % 8 == 0 && aligned16(p.dy);
   p.x_vec = aligned16(p.x);  // k % 64 == 0
   p.u_vec = r % 8 == 0 && aligned16(p.u);
   p.g_vec = r % 8 == 0 && aligned16(p.g);
 
   at::Tensor workspace, counters;  // kept alive until the launch is enqueued (caching allocator is stream-ordered)
-  launch_qlora_bwd_ab(p, x.scalar_type(), opts, workspace, counters);
+  launch_qlora_bwd_ab(p, x.scalar_type(), opts, workspace, counters, c10::cuda::getCurrentCUDAStream());
   return {dA, dB};
 }
+
+}  // namespace
+}  // namespace qlora_ext
+
+TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) { m.impl("_bwd_ab", &qlora_ext::bwd_ab); }

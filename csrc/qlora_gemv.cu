@@ -36,8 +36,8 @@
 //   - every counter is put back to zero by its last user, so the counter block is cached per (device, stream)
 //     and no memset runs per call (a fresh zeroed block is used while a CUDA graph is being captured).
 //
-// Registers (ptxas, no spills, no stack frame): sm_90a NT=1/2/4 (13/9/9 warps): 124/146/167; sm_80: 120/144/168.
-// Caps: 13 warps -> 128, 9 warps -> 168 (the busiest SMSP's 16K-register bank).
+// Register caps (the busiest SMSP's 16K-register bank): 13 warps -> 128, 9 warps -> 168 per thread; the build log
+// (-Xptxas -v) has the counts, 0 spills required.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -53,13 +53,16 @@
 #include <tuple>
 #include <utility>
 
+#include <torch/library.h>
+
 #include "common/checks.h"
 #include "common/dropout.cuh"
+#include "common/elem.cuh"
 #include "common/mma_sm80.cuh"
 #include "common/nf4.cuh"
-#include "common/nf4_gemm.cuh"
-#include "launchers.h"
+#include "common/nf4_tensors.h"
 
+namespace qlora_ext {
 namespace {
 
 // Decode warps per CTA, a multiple of 4 so every SM sub-partition (and its ALU pipe) gets the same share; plus one
@@ -100,9 +103,7 @@ struct GemvParams {
   int abs_bytes;           // absmax window bytes per row: 8 (uint8, double quant) or 32 (fp32)
   int off_stage, off_acc, off_lora_b, off_bias, off_u, off_nested, off_ncode, off_code, off_misc;  // smem carve
   float scaling;           // s
-  float dropout_scale;     // fp32(1/(1-p))
-  uint32_t dropout_key, dropout_thresh;
-  int dropout;             // p > 0
+  DropoutParams dropout;   // the mask on x in the u product
   uint32_t k3210;          // 0x32103210, the prmt identity selector, passed at run time so that ptxas keeps it in
                            // a register and the decode's selector build is one lop3 (two immediates do not fit)
 };
@@ -128,28 +129,6 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
-// createpolicy.fractional.L2::evict_first: the packed weights are read exactly once; keep x, lora_A/B, u and
-// the workspace resident in L2 instead.
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t pol;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-  return pol;
-}
-
-// cp.async.cg (16 B, L1 bypass) with an L2 cache policy: one weight segment.
-__device__ __forceinline__ void cp_async_16_hint(uint32_t dst, const void* src, uint64_t pol) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "l"(pol)
-               : "memory");
-}
-// cp.async.cg with src-size: bytes past src_bytes are zero-filled (bounds of a tensor's tail, x past k).
-__device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-// cp.async.ca 4 B (the only sizes below 16 are .ca): one aligned word of the uint8 absmax.
-__device__ __forceinline__ void cp_async_4_zfill(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-
 // ld.acquire.gpu: read a counter another CTA released with fence + atomic; later loads see what it published.
 __device__ __forceinline__ int ld_acquire(const int* p) {
   int v;
@@ -165,7 +144,7 @@ template <typename T>
 __device__ __forceinline__ void mma4(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                      uint32_t b1) {
   const uint32_t a[4] = {a0, a1, a2, a3};
-  qlora::mma_m16n8k16<T>(d, a, b0, b1);
+  mma_m16n8k16<T>(d, a, b0, b1);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -184,8 +163,8 @@ __device__ __forceinline__ BlockTable make_table(const float (&code)[16], float 
   BlockTable tb;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const uint32_t e01 = qlora::Elem<T>::pack2(__fmul_rn(code[4 * q + 0], scale), __fmul_rn(code[4 * q + 1], scale));
-    const uint32_t e23 = qlora::Elem<T>::pack2(__fmul_rn(code[4 * q + 2], scale), __fmul_rn(code[4 * q + 3], scale));
+    const uint32_t e01 = Elem<T>::pack2(__fmul_rn(code[4 * q + 0], scale), __fmul_rn(code[4 * q + 1], scale));
+    const uint32_t e23 = Elem<T>::pack2(__fmul_rn(code[4 * q + 2], scale), __fmul_rn(code[4 * q + 3], scale));
     tb.lo[q] = prmt(e01, e23, 0x6420u);
     tb.hi[q] = prmt(e01, e23, 0x7531u);
   }
@@ -310,7 +289,7 @@ __device__ __forceinline__ void issue_unit(const GemvParams& p, const CtaGeom& c
   const int lane = threadIdx.x & 31, h = lane & 1, q = lane >> 1;
   // only the last chunk of a row can be short (k % 256 != 0): it has tail_segs segments of 32 k
   const int nseg = cta.c0 + ic.cl == p.ck - 1 ? p.tail_segs : 8;
-  const uint32_t dst = qlora::smem_addr(slot) + q * kRowBytes + ((h ^ (q & 1)) << 4);  // + 32·s: segment 2s+h
+  const uint32_t dst = smem_addr(slot) + q * kRowBytes + ((h ^ (q & 1)) << 4);  // + 32·s: segment 2s+h
   const uint8_t* src = ic.src + ic.cl * kRowBytes;
   if (ic.row_ok) {
 #pragma unroll
@@ -319,7 +298,7 @@ __device__ __forceinline__ void issue_unit(const GemvParams& p, const CtaGeom& c
   }
   if (ic.a_copy) {
     const int left = ic.a_left - 4 * ic.cl;  // blocks left in absmax from this window's first block
-    const uint32_t adst = qlora::smem_addr(slot) + kUnitBytes + q * p.abs_bytes;
+    const uint32_t adst = smem_addr(slot) + kUnitBytes + q * p.abs_bytes;
     const bool full = left >= 4, some = left > 0;
     if (p.w.absmax_q8 != nullptr)
       cp_async_4_zfill(adst + 4 * h, some ? ic.asrc + 4 * ic.cl : ic.asrc, full ? 4 : (some ? left : 0));
@@ -340,7 +319,7 @@ __device__ __forceinline__ void decode_enter_tile(const GemvParams& p, const Cta
                                                   int64_t nested_lo) {
   const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
   const int64_t row0 = static_cast<int64_t>(cta.tau0 + dc.tl) * kTileRows + g;
-  const int64_t base = 4 * static_cast<int64_t>(cta.c0) + t - (nested_lo << nf4::kNestedShift);
+  const int64_t base = 4 * static_cast<int64_t>(cta.c0) + t - (nested_lo << kNF4NestedShift);
   dc.rel0 = static_cast<int>(row0 * p.kb + base);  // one CTA spans < 2^30 blocks (host check)
   dc.rel1 = static_cast<int>((row0 + 8) * p.kb + base);
   const int esize = p.w.absmax_q8 != nullptr ? 1 : 4;
@@ -354,7 +333,7 @@ __device__ __forceinline__ void decode_enter_tile(const GemvParams& p, const Cta
 __device__ __forceinline__ float unit_scale(const GemvParams& p, const unsigned char* slot, int win, int rel,
                                             const float* nested_s, const float* ncode_s, float offset) {
   if (p.w.absmax_q8 != nullptr)
-    return __fadd_rn(__fmul_rn(ncode_s[slot[win]], nested_s[rel >> nf4::kNestedShift]), offset);
+    return __fadd_rn(__fmul_rn(ncode_s[slot[win]], nested_s[rel >> kNF4NestedShift]), offset);
   return *reinterpret_cast<const float*>(slot + win);
 }
 
@@ -369,8 +348,10 @@ __device__ __forceinline__ void process_unit(const GemvParams& p, const CtaGeom&
                                              float offset, uint32_t k3210, float (&acc)[NT][4]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool blk_ok = cta.c0 + dc.cl != p.ck - 1 || 2 * t < p.tail_segs;  // ragged last chunk: tail_segs/2 blocks
-  const float s0 = dc.ok0 && blk_ok ? unit_scale(p, slot, dc.win0, dc.rel0 + 4 * dc.cl, nested_s, ncode_s, offset) : 0.f;
-  const float s1 = dc.ok1 && blk_ok ? unit_scale(p, slot, dc.win1, dc.rel1 + 4 * dc.cl, nested_s, ncode_s, offset) : 0.f;
+  const float s0 =
+      dc.ok0 && blk_ok ? unit_scale(p, slot, dc.win0, dc.rel0 + 4 * dc.cl, nested_s, ncode_s, offset) : 0.f;
+  const float s1 =
+      dc.ok1 && blk_ok ? unit_scale(p, slot, dc.win1, dc.rel1 + 4 * dc.cl, nested_s, ncode_s, offset) : 0.f;
   float code[16];
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
@@ -455,7 +436,7 @@ __device__ __forceinline__ void decode_prologue(const GemvParams& p, const CtaGe
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (ua + s < ub) issue_next(p, cta, ic, ua + s, ua, ub, ring, pol);
-    qlora::cp_async_commit();
+    cp_async_commit();
   }
 }
 
@@ -482,8 +463,8 @@ __device__ void decode_main(const GemvParams& p, const CtaGeom& cta, unsigned ch
   for (int u = ua; u < ub; ++u) {
     // refill the slot freed by the previous iteration, then wait for unit u (groups complete in order)
     if (u + kStages - 1 < ub) issue_next(p, cta, ic, u + kStages - 1, ua, ub, ring, pol);
-    qlora::cp_async_commit();
-    qlora::cp_async_wait<kStages - 1>();
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
     __syncwarp();
     process_unit<T, NT>(p, cta, dc, ring + (static_cast<unsigned>(u - ua) % kStages) * p.slot_bytes, smem, code_s,
                         nested_s, ncode_s, offset, p.k3210, acc);
@@ -507,7 +488,7 @@ __device__ void decode_main(const GemvParams& p, const CtaGeom& cta, unsigned ch
       decode_enter_tile(p, cta, dc, nested_lo);
     }
   }
-  qlora::cp_async_wait<0>();
+  cp_async_wait<0>();
   __syncwarp();
   const int last_tl = dc.tl;
   if (owned(last_tl)) {
@@ -548,7 +529,8 @@ __device__ void epilogue_tile(const GemvParams& p, int tau, const float (&acc)[N
       const int mm = nt * 8 + g;
       uint32_t b0 = 0u, b1 = 0u;
       if (mm < p.m) {
-        const uint32_t* ur = reinterpret_cast<const uint32_t*>(u_rows + static_cast<int64_t>(mm) * p.r_pad + 16 * s + 2 * t);
+        const uint32_t* ur =
+            reinterpret_cast<const uint32_t*>(u_rows + static_cast<int64_t>(mm) * p.r_pad + 16 * s + 2 * t);
         b0 = ur[0];
         b1 = ur[4];
       }
@@ -564,8 +546,8 @@ __device__ void epilogue_tile(const GemvParams& p, int tau, const float (&acc)[N
       const int row = g + 8 * (e >> 1), mm = nt * 8 + 2 * t + (e & 1);
       if (row < rows_valid && mm < p.m) {
         float v = acc[nt][e] + p.scaling * c2[nt][e];
-        if (bb != nullptr) v += qlora::Elem<T>::to_float(bb[row]);
-        reinterpret_cast<uint16_t*>(y)[static_cast<int64_t>(mm) * p.n + row0 + row] = qlora::Elem<T>::from_float(v);
+        if (bb != nullptr) v += Elem<T>::to_float(bb[row]);
+        reinterpret_cast<uint16_t*>(y)[static_cast<int64_t>(mm) * p.n + row0 + row] = Elem<T>::from_float(v);
       }
     }
 }
@@ -594,10 +576,11 @@ __device__ __forceinline__ uint4 dropout_frag(const GemvParams& p, uint4 v, int 
     uint32_t out = 0u;
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      const uint64_t idx = static_cast<uint64_t>(mm) * static_cast<uint64_t>(p.k) + static_cast<uint64_t>(kk0 + 2 * e + hh);
+      const uint64_t idx =
+          static_cast<uint64_t>(mm) * static_cast<uint64_t>(p.k) + static_cast<uint64_t>(kk0 + 2 * e + hh);
       const uint16_t xb = static_cast<uint16_t>(wv[e] >> (16 * hh));
-      const uint16_t db = dropout_keep(p.dropout_key, p.dropout_thresh, idx)
-                              ? qlora::Elem<T>::from_float(__fmul_rn(qlora::Elem<T>::to_float(xb), p.dropout_scale))
+      const uint16_t db = p.dropout.keep(idx)
+                              ? Elem<T>::from_float(__fmul_rn(Elem<T>::to_float(xb), p.dropout.inv_keep))
                               : uint16_t(0);
       out |= static_cast<uint32_t>(db) << (16 * hh);
     }
@@ -622,7 +605,7 @@ __device__ void finish_utile(const GemvParams& p, int j) {
     for (int e = 0; e < 4; ++e) {
       const int rr = 16 * j + g + 8 * (e >> 1), mm = nt * 8 + 2 * t + (e & 1);  // uᵀ[rr][mm]
       if (mm < p.m) {
-        const uint16_t b = rr < p.r ? qlora::Elem<T>::from_float(s[nt][e]) : uint16_t(0);
+        const uint16_t b = rr < p.r ? Elem<T>::from_float(s[nt][e]) : uint16_t(0);
         if (rr < p.r) u_out[static_cast<int64_t>(mm) * p.r + rr] = b;
         u_pad[static_cast<int64_t>(mm) * p.r_pad + rr] = b;
       }
@@ -687,7 +670,7 @@ __device__ void lora_jobs(const GemvParams& p, const CtaGeom& cta, const unsigne
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           uint4 xf = load_x_frag(x_s, row_bytes, p.m, nt, cl, i);
-          if (p.dropout && nt * 8 + g < p.m) xf = dropout_frag<T>(p, xf, nt * 8 + g, kblk + 8 * i);
+          if (p.dropout.enabled && nt * 8 + g < p.m) xf = dropout_frag<T>(p, xf, nt * 8 + g, kblk + 8 * i);
           mma4<T>(acc[nt], a0[ii].x, a1[ii].x, a0[ii].y, a1[ii].y, xf.x, xf.y);
           mma4<T>(acc[nt], a0[ii].z, a1[ii].z, a0[ii].w, a1[ii].w, xf.z, xf.w);
         }
@@ -731,14 +714,14 @@ __global__ void __launch_bounds__((DW + 1) * 32, 1) qlora_gemv_kernel(const __gr
       const int mm = idx / row_chunks, j = idx % row_chunks;
       const int64_t kk = static_cast<int64_t>(cta.c0) * kChunkK + 8 * j;
       const bool ok = j < cta.cks * 32 && kk < p.k;  // zeros past k (ragged last chunk, shorter split)
-      cp_async_16_zfill(qlora::smem_addr(smem + mm * row_bytes + (xs_chunk(j, mm) << 4)),
+      cp_async_16_zfill(smem_addr(smem + mm * row_bytes + (xs_chunk(j, mm) << 4)),
                         x + (ok ? static_cast<int64_t>(mm) * p.k + kk : 0), ok ? 16 : 0);
     }
   }
   if (threadIdx.x < 16) reinterpret_cast<float*>(smem + p.off_code)[threadIdx.x] = __ldg(p.w.code + threadIdx.x);
   // nested_lo: the CTA's first flat block / 256. Block indices in the loop are kept relative to 256·nested_lo
   // (32-bit; host checks one CTA spans < 2^30 blocks).
-  const int64_t nested_lo = (row_begin * p.kb + 4 * cta.c0) >> nf4::kNestedShift;
+  const int64_t nested_lo = (row_begin * p.kb + 4 * cta.c0) >> kNF4NestedShift;
   float offset = 0.f;
   if (p.w.absmax_q8 != nullptr) {
     for (int i = threadIdx.x; i < 256; i += kThreads)
@@ -746,7 +729,7 @@ __global__ void __launch_bounds__((DW + 1) * 32, 1) qlora_gemv_kernel(const __gr
     offset = __ldg(p.w.offset);
     if (cta.ntiles > 0) {
       const int64_t blk_last = (row_end - 1) * p.kb + min(4 * (cta.c0 + cta.cks), p.kb) - 1;
-      const int cnt = static_cast<int>((blk_last >> nf4::kNestedShift) - nested_lo + 1);  // <= nested_cap (host)
+      const int cnt = static_cast<int>((blk_last >> kNF4NestedShift) - nested_lo + 1);  // <= nested_cap (host)
       for (int i = threadIdx.x; i < cnt; i += kThreads) nested_s[i] = __ldg(p.w.nested_absmax + nested_lo + i);
     }
   }
@@ -756,15 +739,15 @@ __global__ void __launch_bounds__((DW + 1) * 32, 1) qlora_gemv_kernel(const __gr
     const int64_t lb_bytes = (row_end - row_begin) * p.r * 2;
     const unsigned char* lb_src = reinterpret_cast<const unsigned char*>(p.lora_B) + row_begin * p.r * 2;
     for (int64_t o = lane * 16; o < lb_bytes; o += 32 * 16)
-      cp_async_16_zfill(qlora::smem_addr(smem + p.off_lora_b + o), lb_src + o, static_cast<int>(min64(16, lb_bytes - o)));
+      cp_async_16_zfill(smem_addr(smem + p.off_lora_b + o), lb_src + o, static_cast<int>(min64(16, lb_bytes - o)));
     if (p.bias != nullptr) {
       const int64_t b_bytes = (row_end - row_begin) * 2;
       const unsigned char* b_src = reinterpret_cast<const unsigned char*>(p.bias) + row_begin * 2;
       for (int64_t o = lane * 16; o < b_bytes; o += 32 * 16)
-        cp_async_16_zfill(qlora::smem_addr(smem + p.off_bias + o), b_src + o, static_cast<int>(min64(16, b_bytes - o)));
+        cp_async_16_zfill(smem_addr(smem + p.off_bias + o), b_src + o, static_cast<int>(min64(16, b_bytes - o)));
     }
   }
-  qlora::cp_async_commit();
+  cp_async_commit();
 
   // 2. Decode warps start their weight stream before waiting for x.
   const int ua = warp < DW ? warp_unit_begin<DW>(cta.units, warp) : 0;
@@ -773,9 +756,9 @@ __global__ void __launch_bounds__((DW + 1) * 32, 1) qlora_gemv_kernel(const __gr
   IssueCursor ic{};
   if (warp < DW) {
     decode_prologue(p, cta, smem, ic, ua, ub, pol);
-    qlora::cp_async_wait<kStages - 1>();  // the x group (committed first) is complete
+    cp_async_wait<kStages - 1>();  // the x group (committed first) is complete
   } else {
-    qlora::cp_async_wait<0>();
+    cp_async_wait<0>();
   }
   __syncthreads();
 
@@ -875,9 +858,9 @@ struct GemvPlan {
 
 // Smem carve for (S, R); the regions are 128-byte aligned.
 GemvPlan carve(int64_t m, int64_t n, int64_t k, int64_t r, bool dq, int nt, int slot_bytes, int S, int R) {
-  const int64_t ck = qlora_checks::ceil_div(k, kChunkK), tiles = qlora_checks::ceil_div(n, kTileRows);
-  const int64_t cks_max = qlora_checks::ceil_div(ck, S), tcta_max = qlora_checks::ceil_div(tiles, R);
-  const int64_t r_pad = qlora_checks::ceil_div(r, 16) * 16;
+  const int64_t ck = ceil_div(k, kChunkK), tiles = ceil_div(n, kTileRows);
+  const int64_t cks_max = ceil_div(ck, S), tcta_max = ceil_div(tiles, R);
+  const int64_t r_pad = ceil_div(r, 16) * 16;
   GemvPlan pl{};
   pl.splits = S;
   pl.rowgroups = R;
@@ -912,7 +895,7 @@ GemvPlan carve(int64_t m, int64_t n, int64_t k, int64_t r, bool dq, int nt, int 
 // more rowgroups than SMs used.
 GemvPlan plan_gemv(int64_t m, int64_t n, int64_t k, int64_t r, bool dq, int nt, int slot_bytes, int num_sms,
                    int64_t smem_limit) {
-  const int64_t ck = qlora_checks::ceil_div(k, kChunkK), tiles = qlora_checks::ceil_div(n, kTileRows);
+  const int64_t ck = ceil_div(k, kChunkK), tiles = ceil_div(n, kTileRows);
   const int64_t s_first = std::min<int64_t>(ck, tiles < num_sms ? std::max<int64_t>(1, num_sms / tiles) : 1);
   for (int waves = 1; waves <= 64; waves *= 2) {
     for (int64_t S = s_first; S <= ck; ++S) {
@@ -958,58 +941,39 @@ void launch_qlora_gemv(const GemvParams& p, at::ScalarType dtype, int nt, int gr
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_aligned(const char* name, const void* ptr, int64_t bytes) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % bytes == 0, "qlora_gemv: ", name, " must be ", bytes,
-              "-byte aligned for vector loads (pass a contiguous tensor with its own storage, e.g. .clone())");
-}
-
-}  // namespace
-
-// Host wrapper. Twin: qlora_ext.reference.qlora_linear; decode-only fast path (1 <= m <= 32, no autograd).
-std::tuple<at::Tensor, at::Tensor> qlora_gemv_cuda(const at::Tensor& x, const at::Tensor& w_nf4,
-                                                   const at::Tensor& absmax, const at::Tensor& code,
-                                                   const std::optional<at::Tensor>& nested_absmax,
-                                                   const std::optional<at::Tensor>& nested_code,
-                                                   const std::optional<at::Tensor>& offset,
-                                                   const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                   const std::optional<at::Tensor>& bias, double scaling,
-                                                   double dropout_p, int64_t seed, int64_t blocksize) {
-  using namespace qlora_checks;
-  constexpr const char* op = "qlora_gemv";
-  check_activation(op, "x", x);
+// Op qlora_ext::_gemv_fwd (schema: csrc/ops.cpp) -> (y [m, n], u [m, r]) like _fused_fwd; decode-only fast path
+// (1 <= m <= 32, no autograd). Twin: qlora_ext.reference.qlora_linear.
+std::tuple<at::Tensor, at::Tensor> gemv_fwd(const at::Tensor& x, const OptionalTensorList& w,
+                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                            const std::optional<at::Tensor>& bias, double scaling, double dropout_p,
+                                            int64_t seed) {
+  constexpr const char* kOp = "qlora_gemv";
+  check_activation(kOp, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Device device = x.device();
   const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(m >= 1 && m <= kMaxM, op, ": m (rows of x) must satisfy 1 <= m <= ", kMaxM,
+  TORCH_CHECK(m >= 1 && m <= kMaxM, kOp, ": m (rows of x) must satisfy 1 <= m <= ", kMaxM,
               " on the decode path, got m = ", m);
-  TORCH_CHECK(lora_A.dim() == 2 && lora_B.dim() == 2, op, ": lora_A and lora_B must be 2-D, got ",
-              shape_str(lora_A.sizes()), " and ", shape_str(lora_B.sizes()));
+  check_2d(kOp, "lora_A", lora_A, "[r, k]");
+  check_2d(kOp, "lora_B", lora_B, "[n, r]");
   const int64_t r = lora_A.size(0), n = lora_B.size(0);
-  check_fast_path_sizes(op, k, r);
-  check_fast_blocksize(op, blocksize);
-  check_nf4_weight(op, w_nf4, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, device);
-  check_matrix(op, "lora_A", lora_A, x.scalar_type(), "[r, k]", r, k, device);
-  check_matrix(op, "lora_B", lora_B, x.scalar_type(), "[n, r]", n, r, device);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_device(op, "bias", *bias, device);
-    check_dtype(op, "bias", *bias, x.scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [n] = [", n, "], got ",
-                shape_str(bias->sizes()));
-    check_contiguous(op, "bias", *bias);
-  }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(n * k / 2 < (int64_t(1) << 62) && n < (int64_t(1) << 31) - 16, op, ": weight too large");
-  const bool dq = absmax.scalar_type() == at::kByte;
+  check_fast_path_sizes(kOp, k, r);
+  const NF4Tensors wt = NF4Tensors::from_list(kOp, w, n, k, device);
+  check_matrix(kOp, "lora_A", lora_A, x.scalar_type(), "[r, k]", r, k, device);
+  check_matrix(kOp, "lora_B", lora_B, x.scalar_type(), "[n, r]", n, r, device);
+  const bool has_bias = check_bias(kOp, bias, n, x.scalar_type(), device);
+  check_dropout_p(kOp, dropout_p);
+  TORCH_CHECK(n * k / 2 < (int64_t(1) << 62) && n < (int64_t(1) << 31) - 16, kOp, ": weight too large");
+  const bool dq = wt.double_quant;
 
   // 16-byte vector paths: x/lora_A rows (k % 64 keeps every row aligned), w_nf4 rows (k/2 bytes), lora_B and
   // bias slices (start at row 16·tau: 32·tau·r and 32·tau bytes), fp32 absmax windows; uint8 absmax words: 4.
-  check_aligned("x", x.data_ptr(), 16);
-  check_aligned("w_nf4", w_nf4.data_ptr(), 16);
-  check_aligned("lora_A", lora_A.data_ptr(), 16);
-  check_aligned("lora_B", lora_B.data_ptr(), 16);
-  if (has_bias) check_aligned("bias", bias->data_ptr(), 16);
-  check_aligned("absmax", absmax.data_ptr(), dq ? 4 : 16);
+  check_aligned(kOp, "x", x, 16);
+  check_aligned(kOp, "w_nf4", wt.w_nf4, 16);
+  check_aligned(kOp, "lora_A", lora_A, 16);
+  check_aligned(kOp, "lora_B", lora_B, 16);
+  if (has_bias) check_aligned(kOp, "bias", *bias, 16);
+  check_aligned(kOp, "absmax", wt.absmax, dq ? 4 : 16);
 
   auto y = at::empty({m, n}, x.options());
   auto u = at::empty({m, r}, x.options());
@@ -1021,7 +985,7 @@ std::tuple<at::Tensor, at::Tensor> qlora_gemv_cuda(const at::Tensor& x, const at
   const int64_t smem_limit = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
   const GemvPlan pl = plan_gemv(m, n, k, r, dq, nt, slot_bytes, prop->multiProcessorCount, smem_limit);
   // Block indices inside a CTA are 32-bit offsets from its first block (see decode_enter_tile).
-  TORCH_CHECK(ceil_div(ceil_div(n, kTileRows), pl.rowgroups) * kTileRows * (k / 64) + 512 < (int64_t(1) << 30), op,
+  TORCH_CHECK(ceil_div(ceil_div(n, kTileRows), pl.rowgroups) * kTileRows * (k / 64) + 512 < (int64_t(1) << 30), kOp,
               ": weight too large for the decode path (one CTA would span 2^30 NF4 blocks)");
 
   const int64_t ck = ceil_div(k, kChunkK), tiles = ceil_div(n, kTileRows);
@@ -1031,12 +995,12 @@ std::tuple<at::Tensor, at::Tensor> qlora_gemv_cuda(const at::Tensor& x, const at
   const int64_t ws_u_bytes = align_up(utiles * ck * 32 * 4 * nt * 4, 256);
   const int64_t u_pad_bytes = align_up(m * r_pad * 2, 256);
   auto ws = at::empty({ws_y_bytes + ws_u_bytes + u_pad_bytes}, x.options().dtype(at::kByte));
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto counters = gemv_counters(device, stream, pl.rowgroups + utiles + 1);
 
   GemvParams p{};
   p.x = x.data_ptr();
-  p.w = make_nf4_view(w_nf4, absmax, code, nested_absmax, nested_code, offset);
+  p.w = wt.view();
   p.lora_A = lora_A.data_ptr();
   p.lora_B = lora_B.data_ptr();
   p.bias = has_bias ? bias->data_ptr() : nullptr;
@@ -1076,10 +1040,7 @@ std::tuple<at::Tensor, at::Tensor> qlora_gemv_cuda(const at::Tensor& x, const at
   p.off_code = pl.off_code;
   p.off_misc = pl.off_misc;
   p.scaling = static_cast<float>(scaling);
-  p.dropout = dropout_p > 0.0 ? 1 : 0;
-  p.dropout_scale = p.dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
-  p.dropout_key = dropout_key(seed);
-  p.dropout_thresh = dropout_threshold(dropout_p);
+  p.dropout = make_dropout(dropout_p, seed);
   p.k3210 = 0x32103210u;
 
   // Ask for more than half the SM's smem so two CTAs never share an SM (grid = S·R <= #SMs is sized for one each).
@@ -1087,3 +1048,8 @@ std::tuple<at::Tensor, at::Tensor> qlora_gemv_cuda(const at::Tensor& x, const at
   launch_qlora_gemv(p, x.scalar_type(), nt, pl.splits * pl.rowgroups, smem, stream);
   return {y, u};
 }
+
+}  // namespace
+}  // namespace qlora_ext
+
+TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) { m.impl("_gemv_fwd", &qlora_ext::gemv_fwd); }

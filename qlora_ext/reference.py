@@ -52,11 +52,11 @@ Dequantization (``dequantize_nf4``), bit-exact with bnb's dequantize_4bit, no FM
    ``scale[b] = absmax[b]``                                                          (no double quant)
    ``w = out_dtype(fp32(NF4[nibble] * scale[b]))``  (round to nearest even).
 
-Dropout mask: the counter hash of contract.md, evaluated in int64 tensor arithmetic (32x32-bit products
+Dropout mask: the counter hash of docs/design.md §3, evaluated in int64 tensor arithmetic (32x32-bit products
 are split into 16-bit halves so no intermediate reaches 2^63), over chunks of rows so that the int64
 temporaries stay small (each element's bit depends on its index alone, not on the chunking).
 
-LoRA math (ARCHITECTURE.md section 1), s = ``scaling``, p = ``dropout_p``, d(x) = ``dropout(x, seed, p)``:
+LoRA math (docs/design.md §1), s = ``scaling``, p = ``dropout_p``, d(x) = ``dropout(x, seed, p)``:
    u = d(x)·Aᵀ;  y = x·wᵀ + s·u·Bᵀ + bias;  g = s·dy·B;  dx = dy·w + (g·A) ⊙ mask/(1-p);
    dA = gᵀ·d(x);  dB = s·dyᵀ·u.
 Products accumulate in fp32 and round to x.dtype once; u and g are rounded to x.dtype before they are
@@ -150,7 +150,7 @@ def _check_dropout_p(dropout_p):
 
 
 def check_nf4_storage(w_nf4, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, device):
-    """Shapes/dtypes of the NF4 storage tensors for an [n, k] weight (see contract.md)."""
+    """Shapes/dtypes of the NF4 storage tensors for an [n, k] weight (docs/design.md §2)."""
     _check_blocksize(blocksize)
     if n < 1 or k < 1:
         raise ValueError(f"n, k: expected both >= 1, got n={n}, k={k}")
@@ -271,7 +271,7 @@ def dequantize_nf4(w_nf4, absmax, code, nested_absmax, nested_code, offset, n, k
 
 
 # ----------------------------------------------------------------------------------------------------------
-# dropout mask: counter-based hash (contract.md), int64 arithmetic that never overflows
+# dropout mask: counter-based hash (docs/design.md §3), int64 arithmetic that never overflows
 # ----------------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """The NF4 format is bitsandbytes', byte for byte (CPU; bnb-dependent tests skip when bnb is missing).
 
-Contract (ARCHITECTURE.md §2): (1) same weights -> same packed codes and fp32 absmax as bnb; (2) given bnb's
+Contract (docs/design.md §2): (1) same weights -> same packed codes and fp32 absmax as bnb; (2) given bnb's
 quant state, our dequant equals bnb's dequantize_4bit bit for bit (bnb's scalar CPU kernel alone rounds exact fp16
 ties away from zero: see assert_dequant_equals_bnb); (3) given the same offset, the same double-quant bytes — with
 one documented exception: bnb 0.50.2's CPU backend codes (absmax - offset) through a 65536-bin lookup table that

@@ -2,7 +2,7 @@
 initializers, gradient checkpointing and torch.compile.
 
 Models are tiny random-init transformers Llamas (no download) in fp32, so outputs are compared to PEFT with the
-ratio rule of ARCHITECTURE.md §6 against the same PEFT model run in float64.
+ratio rule of docs/design.md §7 against the same PEFT model run in float64.
 """
 import copy
 import json

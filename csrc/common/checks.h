@@ -1,7 +1,9 @@
-// Host-side argument checks shared by every CUDA wrapper. Each failure names the op, the tensor, what was
+// Host-side argument checks shared by every op wrapper. Each failure names the op, the tensor, what was
 // expected and what arrived, e.g.
 //   "qlora_linear: lora_A must have shape [r, k] = [16, 4096], got [16, 4000]".
-// Python routes unsupported-but-valid cases to the reference before calling _C, so these fire only on misuse.
+// Idiom: every wrapper declares `constexpr const char* kOp = "<op>";` and calls these unqualified.
+// Python routes unsupported-but-valid cases to the reference before calling an internal op, so these fire only
+// on misuse (or when an internal op is called directly).
 #pragma once
 
 #include <cstdint>
@@ -12,7 +14,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-namespace qlora_checks {
+namespace qlora_ext {
 
 inline std::string shape_str(at::IntArrayRef s) {
   std::ostringstream o;
@@ -22,16 +24,18 @@ inline std::string shape_str(at::IntArrayRef s) {
   return o.str();
 }
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
 // 1 <= r <= 128 (register/smem budget of the LoRA tiles), k % 64 == 0 (one NF4 block never straddles rows, and
-// 16-byte vector loads along k stay aligned), blocksize == 64 (the only decode the fast kernels implement).
+// 16-byte vector loads along k stay aligned).
 constexpr int64_t kMaxRank = 128;
 constexpr int64_t kKMultiple = 64;
-constexpr int64_t kFastBlocksize = 64;
 
 inline void check_device(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " (the device of x), got ",
-              t.device());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " (the device of the first input), "
+              "got ", t.device());
 }
 
 inline void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype) {
@@ -57,7 +61,12 @@ inline void check_shape2(const char* op, const char* name, const at::Tensor& t, 
               dims_desc, " = [", d0, ", ", d1, "], got ", shape_str(t.sizes()));
 }
 
-// A dense operand of the fused kernels: CUDA on x's device, given dtype, shape [d0, d1], contiguous.
+// 2-D of any size (read a size off a tensor only after this); dims_desc as above.
+inline void check_2d(const char* op, const char* name, const at::Tensor& t, const char* dims_desc) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D ", dims_desc, ", got shape ", shape_str(t.sizes()));
+}
+
+// A dense operand of the fused kernels: CUDA on the op's device, given dtype, shape [d0, d1], contiguous.
 inline void check_matrix(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
                          const char* dims_desc, int64_t d0, int64_t d1, const at::Device& device) {
   check_device(op, name, t, device);
@@ -76,7 +85,7 @@ inline void check_activation(const char* op, const char* name, const at::Tensor&
   check_contiguous(op, name, t);
 }
 
-// Fast-path size limits (contract "Fast-path conditions").
+// The shapes every tensor-core kernel here requires (Python sends anything else to the reference).
 inline void check_fast_path_sizes(const char* op, int64_t k, int64_t r) {
   TORCH_CHECK(k > 0 && k % kKMultiple == 0, op, ": k (in_features) must be a positive multiple of ",
               kKMultiple, " on the CUDA path, got k = ", k);
@@ -84,81 +93,35 @@ inline void check_fast_path_sizes(const char* op, int64_t k, int64_t r) {
               " on the CUDA path, got r = ", r);
 }
 
-inline void check_fast_blocksize(const char* op, int64_t blocksize) {
-  TORCH_CHECK(blocksize == kFastBlocksize, op, ": blocksize must be ", kFastBlocksize,
-              " on the CUDA path, got ", blocksize);
+inline void check_dropout_p(const char* op, double p) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// An optional NF4 side tensor counts as given only when it holds data: the quantize op returns empty [0]
-// tensors for nested_absmax/offset without double quant, and callers may pass those straight back.
-inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined() && t->numel() > 0; }
-
-// The six NF4 storage tensors of a [n, k] weight (contract "NF4 storage tensors"), all on `device`.
-// Double quant <=> absmax is uint8; then nested_absmax, nested_code and offset must all be given.
-// w_nf4 may be 1-D or bnb's ((n*k+1)//2, 1); either way it must be contiguous with (n*k+1)//2 bytes.
-inline void check_nf4_weight(const char* op, const at::Tensor& w_nf4, const at::Tensor& absmax,
-                             const at::Tensor& code, const std::optional<at::Tensor>& nested_absmax,
-                             const std::optional<at::Tensor>& nested_code,
-                             const std::optional<at::Tensor>& offset, int64_t n, int64_t k,
-                             int64_t blocksize, const at::Device& device) {
-  TORCH_CHECK(n >= 1 && k >= 1, op, ": weight shape must be positive, got [n, k] = [", n, ", ", k, "]");
-  TORCH_CHECK(blocksize >= 1, op, ": blocksize must be positive, got ", blocksize);
-  const int64_t numel = n * k;
-  const int64_t nbytes = (numel + 1) / 2;
-  const int64_t nblocks = ceil_div(numel, blocksize);
-
-  check_device(op, "w_nf4", w_nf4, device);
-  check_dtype(op, "w_nf4", w_nf4, at::kByte);
-  TORCH_CHECK(w_nf4.numel() == nbytes && (w_nf4.dim() == 1 || (w_nf4.dim() == 2 && w_nf4.size(1) == 1)),
-              op, ": w_nf4 must have shape [(n*k+1)//2] = [", nbytes, "] (or [", nbytes,
-              ", 1]) for [n, k] = [", n, ", ", k, "], got ", shape_str(w_nf4.sizes()));
-  check_contiguous(op, "w_nf4", w_nf4);
-
-  check_device(op, "code", code, device);
-  check_dtype(op, "code", code, at::kFloat);
-  TORCH_CHECK(code.dim() == 1 && code.numel() == 16, op, ": code must have shape [16], got ",
-              shape_str(code.sizes()));
-  check_contiguous(op, "code", code);
-
-  check_device(op, "absmax", absmax, device);
-  TORCH_CHECK(absmax.numel() == nblocks && (absmax.dim() == 1 || (absmax.dim() == 2 && absmax.size(1) == 1)),
-              op, ": absmax must have shape [ceil(n*k/blocksize)] = [", nblocks, "], got ",
-              shape_str(absmax.sizes()));
-  check_contiguous(op, "absmax", absmax);
-
-  const bool dq = absmax.scalar_type() == at::kByte;
-  const int present = int(given(nested_absmax)) + int(given(nested_code)) + int(given(offset));
-  if (dq) {
-    TORCH_CHECK(present == 3, op, ": absmax is uint8 (double quant), so nested_absmax, nested_code and offset "
-                "must all be given, got ", present, " of 3");
-    const int64_t nnested = ceil_div(nblocks, 256);
-    const at::Tensor& na = *nested_absmax;
-    check_device(op, "nested_absmax", na, device);
-    check_dtype(op, "nested_absmax", na, at::kFloat);
-    TORCH_CHECK(na.dim() == 1 && na.numel() == nnested, op,
-                ": nested_absmax must have shape [ceil(nblocks/256)] = [", nnested, "], got ",
-                shape_str(na.sizes()));
-    check_contiguous(op, "nested_absmax", na);
-    const at::Tensor& nc = *nested_code;
-    check_device(op, "nested_code", nc, device);
-    check_dtype(op, "nested_code", nc, at::kFloat);
-    TORCH_CHECK(nc.dim() == 1 && nc.numel() == 256, op, ": nested_code must have shape [256], got ",
-                shape_str(nc.sizes()));
-    check_contiguous(op, "nested_code", nc);
-    const at::Tensor& off = *offset;
-    check_device(op, "offset", off, device);
-    check_dtype(op, "offset", off, at::kFloat);
-    TORCH_CHECK(off.numel() == 1, op, ": offset must have exactly 1 element, got shape ",
-                shape_str(off.sizes()));
-  } else {
-    TORCH_CHECK(absmax.scalar_type() == at::kFloat, op,
-                ": absmax must be uint8 (double quant) or float32 (no double quant), got ",
-                absmax.scalar_type());
-    TORCH_CHECK(present == 0, op, ": absmax is float32 (no double quant), so nested_absmax, nested_code and "
-                "offset must all be None (or empty), got ", present, " of 3");
-  }
+// Optional bias [n] in the activation dtype; returns whether one was given.
+inline bool check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t n, at::ScalarType dtype,
+                       const at::Device& device) {
+  if (!bias.has_value() || !bias->defined()) return false;
+  check_device(op, "bias", *bias, device);
+  check_dtype(op, "bias", *bias, dtype);
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [n] = [", n, "], got ",
+              shape_str(bias->sizes()));
+  check_contiguous(op, "bias", *bias);
+  return true;
 }
 
-}  // namespace qlora_checks
+// Vector loads need the tensor's first byte on a `bytes` boundary; a view with a storage offset may not be.
+inline void check_aligned(const char* op, const char* name, const at::Tensor& t, int64_t bytes) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % static_cast<uintptr_t>(bytes) == 0, op, ": ", name,
+              " must start on a ", bytes, "-byte boundary for vector loads (got a view with a misaligned "
+              "storage offset); pass ", name, ".clone()");
+}
+
+// Limits of the 2-D-grid tile GEMMs (qlora_fwd, qlora_bwd_dx): ceil(m / block_m) CTA rows fit gridDim.y
+// (65535), and the packed weight starts on a 16-byte boundary (threads cp.async 16-byte chunks of it).
+inline void check_gemm_limits(const char* op, int64_t m, int64_t block_m, const at::Tensor& w_nf4) {
+  TORCH_CHECK(ceil_div(m, block_m) <= 65535, op, ": m = ", m, " exceeds the kernel's grid limit of ",
+              int64_t(65535) * block_m, " rows");
+  check_aligned(op, "w_nf4", w_nf4, 16);
+}
+
+}  // namespace qlora_ext

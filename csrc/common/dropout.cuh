@@ -4,13 +4,14 @@
 //   key    = fmix32(uint32(seed) ^ fmix32(uint32(seed >> 32) + 0x9E3779B9))       (host, once per op)
 //   h      = fmix32(fmix32(uint32(idx) ^ key) ^ uint32(idx >> 32));  keep = h >= thresh
 //   thresh = uint32(min(floor(p * 2^32), 2^32 - 1))                                (host, once per op)
+// A kept element becomes out_dtype(fp32(x) * fp32(1/(1-p))), a dropped one +0.0 (reference.dropout).
 #pragma once
 
 #include <cstdint>
 #include <cmath>
 #include <cuda_runtime.h>  // __host__/__device__/__forceinline__ when included from plain C++
 
-// Global namespace on purpose: kernels in other files use these names unqualified (contract signatures).
+namespace qlora_ext {
 
 __host__ __device__ __forceinline__ uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;
@@ -38,3 +39,25 @@ __device__ __forceinline__ bool dropout_keep(uint32_t key, uint32_t thresh, uint
   const uint32_t h = fmix32(fmix32(static_cast<uint32_t>(idx) ^ key) ^ static_cast<uint32_t>(idx >> 32));
   return h >= thresh;
 }
+
+// Everything a kernel needs to apply the mask; one field of every Params struct that drops out.
+struct DropoutParams {
+  uint32_t key;     // dropout_key(seed)
+  uint32_t thresh;  // dropout_threshold(p)
+  float inv_keep;   // fp32(1 / (1 - p)): computed in double, rounded once (reference._keep_scale)
+  bool enabled;     // p > 0 (else no mask at all)
+
+  __device__ __forceinline__ bool keep(uint64_t idx) const { return dropout_keep(key, thresh, idx); }
+};
+
+// Host: the one place key, threshold and scale are derived from (p, seed). The caller checks 0 <= p < 1.
+__host__ inline DropoutParams make_dropout(double p, int64_t seed) {
+  DropoutParams d{};
+  d.key = dropout_key(seed);
+  d.thresh = dropout_threshold(p);
+  d.inv_keep = static_cast<float>(1.0 / (1.0 - p));
+  d.enabled = p > 0.0;
+  return d;
+}
+
+}  // namespace qlora_ext

@@ -9,7 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-namespace qlora {
+namespace qlora_ext {
 
 // 32-bit shared-state-space address of a generic pointer: ldmatrix/cp.async take .shared addresses, and
 // 32-bit arithmetic on them is cheaper than 64-bit generic pointers.
@@ -20,9 +20,33 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 // cp.async.cg.shared.global [dst], [src], 16, src_size — 16-byte async copy that bypasses L1 (.cg: the
 // tiles are streamed once per CTA, L1 would only evict useful lines). src_size = 0 writes 16 zero bytes
 // without reading src, which is how tails (rows >= m, cols >= k, rows >= n) become zero padding.
+// cp_async_16_zfill is the general form: bytes past src_bytes (0..16) are zero-filled (a tensor's ragged tail).
+__device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  const int src_size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size)
+  cp_async_16_zfill(dst, src, valid ? 16 : 0);
+}
+
+// cp.async.ca.shared.global [dst], [src], 4, src_size — 4-byte copy (sizes below 16 exist only as .ca), e.g.
+// one aligned word of a uint8 absmax; bytes past src_bytes are zero-filled.
+__device__ __forceinline__ void cp_async_4_zfill(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+
+// createpolicy.fractional.L2::evict_first.b64 — an L2 policy for data read exactly once (packed weights), so
+// it does not displace what is re-read (activations, LoRA factors, workspaces).
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+  return pol;
+}
+
+// cp.async.cg.shared.global.L2::cache_hint [dst], [src], 16, policy — 16-byte copy under an L2 policy.
+__device__ __forceinline__ void cp_async_16_hint(uint32_t dst, const void* src, uint64_t pol) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "l"(pol)
                : "memory");
 }
 
@@ -86,4 +110,4 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
   }
 }
 
-}  // namespace qlora
+}  // namespace qlora_ext

@@ -1,24 +1,19 @@
 // NF4 storage view + per-block scale decode, shared by every kernel that reads the frozen weight.
-// Format (contract §"NF4 storage tensors", ARCHITECTURE §2): flattened row-major [n,k] weight, element 2j in
-// the HIGH nibble of byte j; one absmax per 64-element block; with double quant the absmax is a uint8 code into
-// bnb's signed dynamic map, rescaled per 256-block group (nested_absmax) and shifted by a scalar offset.
-// Python twin: qlora_ext.reference.dequantize_nf4.
+// Format (csrc/README.md, "NF4 storage"): flattened row-major [n, k] weight, element 2j in the HIGH nibble of
+// byte j; one absmax per 64-element block; with double quant the absmax is a uint8 code into bnb's signed
+// dynamic map, rescaled per 256-block group (nested_absmax) and shifted by a scalar offset.
+// Python twin: qlora_ext.reference.dequantize_nf4. Host side (tensor checks, building the view):
+// common/nf4_tensors.h.
 #pragma once
 
 #include <cstdint>
 #include <cuda_runtime.h>
 
-#if !defined(__CUDACC_RTC__)
-#include <optional>
-#include <ATen/core/Tensor.h>
-#endif
+namespace qlora_ext {
 
-// Global namespace on purpose: kernels in other files use these names unqualified (contract signatures).
-namespace nf4 {
-constexpr int kBlockSize = 64;           // fast paths require bnb's default blocksize
-constexpr int kNestedBlockSize = 256;    // bnb's double-quant blocksize: nested group = block >> 8
-constexpr int kNestedShift = 8;
-}  // namespace nf4
+constexpr int kNF4BlockSize = 64;          // the only blocksize the kernels implement (bnb's default)
+constexpr int kNF4NestedBlockSize = 256;   // bnb's double-quant blocksize: nested group = block >> 8
+constexpr int kNF4NestedShift = 8;
 
 // Plain pointers into the six storage tensors; trivially copyable so it can live inside any kernel Params.
 struct NF4View {
@@ -68,35 +63,10 @@ __device__ __forceinline__ float nf4_div_rn(float a, float b) {
 __device__ __forceinline__ float nf4_block_scale(const NF4View& w, int64_t block) {
   if (w.absmax_q8 != nullptr) {
     const float c = __ldg(w.nested_code + __ldg(w.absmax_q8 + block));
-    const float na = __ldg(w.nested_absmax + (block >> nf4::kNestedShift));
+    const float na = __ldg(w.nested_absmax + (block >> kNF4NestedShift));
     return nf4_add_rn(nf4_mul_rn(c, na), __ldg(w.offset));
   }
   return __ldg(w.absmax_f32 + block);
 }
 
-#if !defined(__CUDACC_RTC__)
-// Host: build the view from the op's tensors. Callers run check_nf4_weight (checks.h) first; this only reads
-// data pointers. Double quant <=> absmax is uint8 (then nested_* and offset must be present).
-inline NF4View make_nf4_view(const at::Tensor& w_nf4, const at::Tensor& absmax, const at::Tensor& code,
-                             const std::optional<at::Tensor>& nested_absmax,
-                             const std::optional<at::Tensor>& nested_code,
-                             const std::optional<at::Tensor>& offset) {
-  NF4View v{};
-  v.w_nf4 = w_nf4.data_ptr<uint8_t>();
-  v.code = code.data_ptr<float>();
-  if (absmax.scalar_type() == at::kByte) {
-    v.absmax_q8 = absmax.data_ptr<uint8_t>();
-    v.absmax_f32 = nullptr;
-    v.nested_absmax = nested_absmax.value().data_ptr<float>();
-    v.nested_code = nested_code.value().data_ptr<float>();
-    v.offset = offset.value().data_ptr<float>();
-  } else {
-    v.absmax_q8 = nullptr;
-    v.absmax_f32 = absmax.data_ptr<float>();
-    v.nested_absmax = nullptr;
-    v.nested_code = nullptr;
-    v.offset = nullptr;
-  }
-  return v;
-}
-#endif
+}  // namespace qlora_ext

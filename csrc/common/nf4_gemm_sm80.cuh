@@ -1,4 +1,5 @@
-// Shared tile machinery of the two NF4-decoding GEMMs (Ampere-style path, sm80+):
+// Shared tile machinery and mainloop of the two NF4-decoding GEMMs (Ampere-style path: cp.async + ldmatrix +
+// mma.sync, sm80+; also what runs on sm86/89/90):
 //   qlora_fwd    y  = x·wᵀ  (+ LoRA)   W tile stored [n][k]: the MMA B operand as is        (BLayout::kNK)
 //   qlora_bwd_dx dx = dy·w  (+ LoRA)   W tile stored [n][k]: read transposed by ldmatrix.trans (BLayout::kKN)
 // Both decode packed NF4 from shared memory into a bf16/fp16 tile (never to global), then feed ldmatrix →
@@ -6,6 +7,8 @@
 // (4 m16 x 4 n8 MMA tiles). All shared tiles are row-major with 8 elements (16 B) of padding per row: the row
 // pitch is then an odd number of 16-byte units, so the 8 rows an ldmatrix phase (or a 128-bit store phase)
 // touches fall in 8 different bank groups — conflict-free without a swizzle.
+// The k-loop itself (cp.async ring, one-step-ahead decode, barriers) is NF4Mainloop below; each kernel
+// supplies only its dense tiles, its W tile origin, its MMAs and its epilogue.
 #pragma once
 
 #include <cstdint>
@@ -13,10 +16,11 @@
 #include <cuda_fp16.h>
 
 #include "common/dropout.cuh"
+#include "common/elem.cuh"
 #include "common/mma_sm80.cuh"
 #include "common/nf4.cuh"
 
-namespace qlora {
+namespace qlora_ext {
 
 // ---- CTA geometry (shared by both kernels) -------------------------------------------------------------
 constexpr int kThreads = 256;          // 8 warps: enough MMA issue per SM at 1 CTA/SM, 256 threads = one
@@ -36,45 +40,6 @@ static_assert(kWarpsM * kWarpsN * 32 == kThreads, "warp grid must cover the CTA"
 static_assert(kPackedStageBytes == kThreads * 16, "one 16-byte packed chunk per thread per stage");
 
 using Acc = float[kMmaM][kMmaN][4];    // per-warp accumulator tile, mma D-fragment order
-
-// ---- element traits: the only place bf16 and fp16 differ --------------------------------------------------
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<__nv_bfloat16> {
-  // Round-to-nearest-even like torch's .to(bfloat16); lo lands in the low 16 bits (= lower address).
-  __device__ __forceinline__ static uint32_t pack2(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  __device__ __forceinline__ static float2 unpack2(uint32_t v) {
-    return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xFFFF0000u));
-  }
-  __device__ __forceinline__ static float to_float(uint16_t v) { return __uint_as_float(uint32_t(v) << 16); }
-  __device__ __forceinline__ static uint16_t from_float(float f) {
-    __nv_bfloat16 h = __float2bfloat16_rn(f);
-    return *reinterpret_cast<uint16_t*>(&h);
-  }
-};
-
-template <>
-struct Elem<__half> {
-  __device__ __forceinline__ static uint32_t pack2(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  __device__ __forceinline__ static float2 unpack2(uint32_t v) {
-    return __half22float2(*reinterpret_cast<__half2*>(&v));
-  }
-  __device__ __forceinline__ static float to_float(uint16_t v) {
-    return __half2float(*reinterpret_cast<__half*>(&v));
-  }
-  __device__ __forceinline__ static uint16_t from_float(float f) {
-    __half h = __float2half_rn(f);
-    return *reinterpret_cast<uint16_t*>(&h);
-  }
-};
 
 // ---- ldmatrix lane addressing (byte offsets into a padded row-major tile of 2-byte elements) ---------------
 // A operand, m16 x k16 at (row0, 0): lanes 0-15 point at rows 0-15 col 0, lanes 16-31 at rows 0-15 col 8,
@@ -163,13 +128,12 @@ __device__ __forceinline__ void warp_lora_expand(float (&out)[kMmaN][4], uint32_
 }
 
 // Dropout applied to an A-fragment register (two adjacent columns of one row; idx = row*k + col of the low
-// one): keep ? out_dtype(fp32(x) * fp32(1/(1-p))) : 0 — the contract's rounding, same as reference.dropout.
+// one): keep ? out_dtype(fp32(x) * fp32(1/(1-p))) : 0, the rounding of reference.dropout.
 template <typename T>
-__device__ __forceinline__ uint32_t dropout_pair(uint32_t v, uint64_t idx, uint32_t key, uint32_t thresh,
-                                                 float inv_keep) {
+__device__ __forceinline__ uint32_t dropout_pair(uint32_t v, uint64_t idx, const DropoutParams& d) {
   const float2 f = Elem<T>::unpack2(v);
-  const float lo = dropout_keep(key, thresh, idx) ? __fmul_rn(f.x, inv_keep) : 0.f;
-  const float hi = dropout_keep(key, thresh, idx + 1) ? __fmul_rn(f.y, inv_keep) : 0.f;
+  const float lo = d.keep(idx) ? __fmul_rn(f.x, d.inv_keep) : 0.f;
+  const float hi = d.keep(idx + 1) ? __fmul_rn(f.y, d.inv_keep) : 0.f;
   return Elem<T>::pack2(lo, hi);
 }
 
@@ -270,7 +234,7 @@ struct NF4TileDecoder {
   __device__ __forceinline__ float scale(const NF4View& w, int64_t w_row0, int64_t w_col0, int64_t n) const {
     const int64_t r = w_row0 + row, c = w_col0 + part * 32;
     if (r >= n || c >= k) return 0.f;
-    return nf4_block_scale(w, r * (k / nf4::kBlockSize) + c / nf4::kBlockSize);
+    return nf4_block_scale(w, r * (k / kNF4BlockSize) + c / kNF4BlockSize);
   }
 
   // Decode the chunk: w = out_dtype(fp32(code[nibble] * scale)), bit-exact with bnb (no FMA: __fmul_rn, and
@@ -306,28 +270,155 @@ struct NF4TileDecoder {
   }
 };
 
-}  // namespace qlora
+// ---- the mainloop ---------------------------------------------------------------------------------------
+// Shared-memory carve and tile shapes of one NF4 GEMM kernel instance (kernel traits). A kernel derives its own
+// traits from this and adds its dense-tile offsets and epilogue layout. kDenseStageBytes: the kernel's dense
+// tiles of one ring slot (A operand rows + one LoRA factor); the packed W chunk follows them in the slot.
+//   smem = [code table][decoded W x wdec_buffers][ring: stages x (dense tiles | packed W)]
+// The epilogue reuses everything after the code table.
+template <int kRPad_, BLayout kB_, int kWRows_, int kWCols_, int kDenseStageBytes>
+struct NF4GemmTraits {
+  static constexpr int kRPad = kRPad_;              // r rounded up to the rank bucket
+  static constexpr BLayout kB = kB_;                // how the decoded W tile is read as the MMA B operand
+  static constexpr int kWRows = kWRows_;            // W tile: rows of w ...
+  static constexpr int kWCols = kWCols_;            // ... x columns of w
+  static constexpr int kWStride = kWCols + kPad;    // decoded-W row pitch (elements)
+  static constexpr int kRStride = kRPad + kPad;     // row pitch of the rank-wide tiles (u / g, lora_B rows)
+  static constexpr int kCodeBytes = 128;            // 16 fp32 codebook entries, padded
+  static constexpr int kWdecBytes = kWRows * kWStride * 2;
+  static constexpr int kPackedOffset = kDenseStageBytes;
+  static constexpr int kStageBytes = kDenseStageBytes + kPackedStageBytes;
+  static_assert(kDenseStageBytes % 16 == 0, "packed W chunks must stay 16-byte aligned");
+};
+
+// Top-left element (row of w, column of w) of one reduction step's W tile.
+struct WTileOrigin {
+  int64_t row, col;
+};
+
+// The pipeline both NF4 GEMMs run. Reduction step kt lives in ring slot kt % stages; its packed W is decoded
+// into decoded-W buffer kt % 2 one step ahead of the MMAs that read it, so one barrier per step suffices:
+//   prologue  steps 0 .. stages-2 in flight (one commit group each, empty past the end); decode step 0
+//   step kt   barrier (step kt visible everywhere, step kt-1 fully consumed) -> scale of step kt+1 (its
+//             absmax/nested loads overlap the MMAs) -> fetch step kt+stages-1 into step kt-1's slot ->
+//             MMAs of step kt -> wait for step kt+1's group -> decode step kt+1
+// So the packed W is prefetched stages-2 steps beyond the decode point, the dense tiles stages-1 beyond the
+// MMAs. With a single decoded-W buffer (small-smem fallback) every warp must also be done reading it before
+// the decode: one extra barrier per step. Each thread decodes exactly the 16 packed bytes it cp.async'd, so
+// the packed W needs only that thread's own wait_group, never a barrier.
+template <typename Traits>
+struct NF4Mainloop {
+  using Decoder = NF4TileDecoder<Traits::kWRows, Traits::kWCols>;
+
+  float* code_s;      // [16] NF4 codebook
+  uint16_t* wdec;     // [wdec_buffers][kWRows][kWStride] decoded W
+  uint8_t* ring;      // [stages][kStageBytes]
+  int stages;         // cp.async ring depth (2..4), chosen by the launcher
+  bool double_wdec;   // 2 decoded-W buffers (else 1)
+  int num_steps;      // reduction steps of kTileK
+  Decoder dec;
+
+  __device__ __forceinline__ NF4Mainloop(uint8_t* smem, int stages_, int wdec_buffers, int num_steps_, int64_t k,
+                                         int tid)
+      : code_s(reinterpret_cast<float*>(smem)),
+        wdec(reinterpret_cast<uint16_t*>(smem + Traits::kCodeBytes)),
+        ring(smem + Traits::kCodeBytes + wdec_buffers * Traits::kWdecBytes),
+        stages(stages_),
+        double_wdec(wdec_buffers == 2),
+        num_steps(num_steps_),
+        dec(tid, k) {}
+
+  __device__ __forceinline__ uint8_t* stage(int s) const { return ring + s * Traits::kStageBytes; }
+  __device__ __forceinline__ uint8_t* packed(int s) const { return stage(s) + Traits::kPackedOffset; }
+  __device__ __forceinline__ uint16_t* wdec_buf(int kt) const {
+    return wdec + (double_wdec ? kt & 1 : 0) * (Traits::kWRows * Traits::kWStride);
+  }
+  // Free for the epilogue once rank_epilogue has drained the ring.
+  __device__ __forceinline__ uint8_t* epilogue_smem() const {
+    return reinterpret_cast<uint8_t*>(code_s) + Traits::kCodeBytes;
+  }
+
+  // The whole reduction. The kernel supplies
+  //   fetch_dense(stage, kt)      issue step kt's dense tiles into `stage` (cp.async, or st.shared fallback)
+  //   w_origin(kt) -> WTileOrigin  where step kt's W tile starts in w [n, k]
+  //   compute(stage, wdec, kt)    the MMAs of step kt on its dense tiles and decoded W
+  template <typename T, typename FetchDense, typename WOriginFn, typename Compute>
+  __device__ __forceinline__ void run(const NF4View& w, int64_t n, int tid, FetchDense&& fetch_dense,
+                                      WOriginFn&& w_origin, Compute&& compute) const {
+    // Rows >= n and columns >= k of a W tile arrive as zero bytes with scale 0, so the padded tail of the
+    // reduction contributes exactly 0 (the dense tiles zero-fill their own tails).
+    auto fetch = [&](int s, int kt) {
+      fetch_dense(stage(s), kt);
+      const WTileOrigin o = w_origin(kt);
+      dec.load(packed(s), w, o.row, o.col, n, tid);
+    };
+    auto scale = [&](int kt) {
+      const WTileOrigin o = w_origin(kt);
+      return dec.scale(w, o.row, o.col, n);
+    };
+
+    if (tid < 16) code_s[tid] = w.code[tid];
+
+    // Prologue.
+    for (int s = 0; s < stages - 1; ++s) {
+      if (s < num_steps) fetch(s, s);
+      cp_async_commit();
+    }
+    const float scale0 = scale(0);
+    cp_async_wait_dyn(stages - 2);  // own group 0 landed (the packed chunk this thread decodes)
+    __syncthreads();                // code_s
+    dec.template decode<T>(wdec_buf(0), packed(0), code_s, scale0, tid);
+
+    int slot = 0;  // ring slot of step kt
+    for (int kt = 0; kt < num_steps; ++kt) {
+      __syncthreads();
+      const int next_slot = slot + 1 == stages ? 0 : slot + 1;
+      const float next_scale = kt + 1 < num_steps ? scale(kt + 1) : 0.f;
+      {
+        const int fetch_kt = kt + stages - 1;  // goes to the slot step kt-1 used
+        if (fetch_kt < num_steps) fetch(slot == 0 ? stages - 1 : slot - 1, fetch_kt);
+        cp_async_commit();
+      }
+      compute(stage(slot), wdec_buf(kt), kt);
+      cp_async_wait_dyn(stages - 2);
+      if (kt + 1 < num_steps) {
+        if (!double_wdec) __syncthreads();  // single buffer: every warp is done reading it
+        dec.template decode<T>(wdec_buf(kt + 1), packed(next_slot), code_s, next_scale, tid);
+      }
+      slot = next_slot;
+    }
+  }
+
+  // Epilogue shell: drain the ring (after this every warp is past the mainloop, so epilogue_smem() is free),
+  // round the warp's rank accumulators times `mul` into rank_s (u or g, in the activation dtype as the reference
+  // rounds them), stage the second LoRA factor with load_factor() (which waits for its own copies), publish
+  // both, and let the CTAs of grid column 0 write the rank tile to rank_out [m, r].
+  template <typename T, int kRPad, typename LoadFactor>
+  __device__ __forceinline__ void rank_epilogue(const float (&acc_r)[kRPad / 8][4], float mul, uint16_t* rank_s,
+                                                int rank_row0, LoadFactor&& load_factor, uint16_t* rank_out,
+                                                int64_t m0, int64_t m, int r, int tid) const {
+    cp_async_wait<0>();
+    __syncthreads();
+    store_rank_acc<T, kRPad>(acc_r, mul, rank_s, rank_row0, tid & 31);
+    load_factor();
+    __syncthreads();
+    if (blockIdx.x == 0) write_rank_tile<kRPad>(rank_out, rank_s, m0, m, r, tid);
+  }
+};
+
+}  // namespace qlora_ext
 
 // ---- host helpers ---------------------------------------------------------------------------------------------
 #if !defined(__CUDACC_RTC__)
 #include <algorithm>
-#include <utility>
 
-namespace qlora {
+#include <c10/util/Exception.h>
 
-// Rank bucket: u / g and the LoRA tiles are padded with zeros to kRPad columns. Four buckets keep the
-// padded MMA work within 2x of r while the instantiation count stays small (2 dtypes x 4 ranks).
-template <typename F>
-void dispatch_rank(int64_t r, F&& f) {
-  if (r <= 16) f(std::integral_constant<int, 16>{});
-  else if (r <= 32) f(std::integral_constant<int, 32>{});
-  else if (r <= 64) f(std::integral_constant<int, 64>{});
-  else f(std::integral_constant<int, 128>{});
-}
+namespace qlora_ext {
 
 // Pipeline shape for one kernel instance: the deepest cp.async ring (<= kMaxStages) with a double-buffered
 // decoded-W tile that fits the device's opt-in shared memory; failing that (99 KB parts, sm86/89, at r > 64)
-// a single decoded-W buffer with two stages, which costs one extra barrier per k-tile. stages == 0: nothing fits.
+// a single decoded-W buffer with two stages, which costs one extra barrier per step. stages == 0: nothing fits.
 struct PipelineConfig {
   int stages;
   int wdec_buffers;
@@ -345,7 +436,16 @@ inline PipelineConfig pick_pipeline(int64_t code_bytes, int64_t wdec_bytes, int6
   return {0, 0, bytes(2, 1)};
 }
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+// The pipeline for kernel traits L on a device with `smem_limit` bytes of opt-in shared memory per block;
+// raises (naming op and r) when even the smallest does not fit.
+template <typename L>
+PipelineConfig pick_pipeline_for(const char* op, int r, int64_t smem_limit) {
+  const PipelineConfig cfg =
+      pick_pipeline(L::kCodeBytes, L::kWdecBytes, L::kStageBytes, L::kEpilogueBytes, smem_limit);
+  TORCH_CHECK(cfg.stages >= 2, op, ": rank r = ", r, " needs ", cfg.smem_bytes,
+              " bytes of shared memory per block, this device allows ", smem_limit);
+  return cfg;
+}
 
-}  // namespace qlora
+}  // namespace qlora_ext
 #endif
