@@ -1,6 +1,8 @@
 """The dispatch table qlora_ext.policy loads, generated from a measured sweep with the qlora_ext[<path>] columns:
 
-    python -m bench.policy bench/results/<date>-<gpu>.json [--out qlora_ext/policy_table.json]
+    python -m bench.policy bench/results/<date>-<gpu>.json [more.json ...] [--out qlora_ext/policy_table.json]
+
+Several JSONs (parts of one sweep run as separate commands, on the same GPU) are read as one sweep.
 
 shape_class(n, k) = "small" if n*k <= 2**25, else "expand" if n >= k, else "reduce". For the measured m values
 m_1 < ... < m_j, bucket i covers m <= floor(sqrt(m_i * m_(i+1))), the last one any larger m (m_max null). Per
@@ -122,19 +124,25 @@ def generate(doc) -> tuple[list[dict], list[str], list[str]]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(prog="python -m bench.policy", description=__doc__.splitlines()[0])
-    ap.add_argument("json", help="a sweep JSON written by `pytest bench/` with the qlora_ext[<path>] columns")
+    ap.add_argument("json", nargs="+", help="sweep JSON(s) written by `pytest bench/` with the qlora_ext[<path>] "
+                    "columns")
     ap.add_argument("--out", default=str(REPO / "qlora_ext" / "policy_table.json"),
                     help="default: qlora_ext/policy_table.json")
     a = ap.parse_args(argv)
-    doc = json.loads(Path(a.json).read_text())
+    docs = [json.loads(Path(j).read_text()) for j in a.json]
+    gpus = {(d.get("gpu", {}).get("name"), str(d.get("gpu", {}).get("capability"))) for d in docs}
+    if len(gpus) > 1:
+        print(f"bench.policy: the JSONs come from different GPUs {sorted(gpus)}: one table per GPU", file=sys.stderr)
+        return 1
+    doc = {**docs[0], "cells": [c for d in docs for c in d["cells"]]}
     rules, bad, warn = generate(doc)
     if not rules:
         print(f"bench.policy: {a.json} has no qlora_ext[<path>] figures: nothing to choose from", file=sys.stderr)
         return 1
-    src = os.path.relpath(Path(a.json).resolve(), REPO)
+    srcs = [os.path.relpath(Path(j).resolve(), REPO) for j in a.json]
     gpu = doc.get("gpu", {})
     table = {
-        "source": src if not src.startswith("..") else a.json,
+        "source": " ".join(s if not s.startswith("..") else j for s, j in zip(srcs, a.json)),
         "gpu": gpu.get("name", "?"),
         "generated": datetime.date.today().isoformat(),
         "command": "python -m bench.policy " + " ".join(map(shlex.quote, argv)),

@@ -11,6 +11,16 @@ import torch
 
 import qlora_ext
 
+if sys.argv[1:] == ["--dropout-only"]:
+    # lora_dropout_kernel on inputs written by ordinary kernels (torch.randn): the initcheck stage checks it here,
+    # and excludes it from the whole-package run, where on the decode path it reads g·lora_A written by cuBLAS.
+    for m, k in ((1, 64), (37, 192), (130, 128)):
+        for dtype in (torch.bfloat16, torch.float16):
+            torch.ops.qlora_ext._lora_dropout(torch.randn(m, k, device="cuda", dtype=dtype), 0.1, 7)
+    torch.cuda.synchronize()
+    print("sanitize_kernels: dropout ran")
+    sys.exit(0)
+
 if sys.argv[1:] == ["--cublas-control"]:
     # initcheck control: cuBLAS products of the shapes the kernels' dropout reads back (g·lora_A on the decode
     # path), each read by a plain torch copy kernel. If initcheck reports the copies, it does not see these
