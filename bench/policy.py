@@ -7,9 +7,14 @@ Several JSONs (parts of one sweep run as separate commands, on the same GPU) are
 shape_class(n, k) = "small" if n*k <= 2**25, else "expand" if n >= k, else "reduce". For the measured m values
 m_1 < ... < m_j, bucket i covers m <= floor(sqrt(m_i * m_(i+1))), the last one any larger m (m_max null). Per
 (shape_class, bucket) the forward path is the one whose worst ratio to the fastest path, over the class's measured
-shapes and ranks at m_i, is smallest; the backward path likewise on (fwd+bwd time - fwd time) (gemv serves no
-backward). A path with an error or no figure in a cell of the group is not a candidate. Then every measured cell is
-checked: the chosen paths must not be slower than bnb+PEFT, and each cell where they are is printed.
+shapes and ranks at m_i, is smallest (fwd cells). The backward path is chosen the same way on the fwd+bwd cells of
+the paths that have a backward (gemv has none): comparing whole fwd+bwd times, not a difference of two noisy
+figures. A backward cell where every candidate is host-bound measures Python overhead, not the GPU work the path
+adds to a training step (in a model, one layer's host work overlaps the GPU work of the layers before it), so a
+bucket whose cells are all host-bound takes the backward choice of the nearest bucket (in log m) that has GPU-bound
+evidence, and its "why" says so. A path with an error or no figure in a cell of the group is not a candidate. Then
+every measured cell is checked: the chosen paths must not be slower than bnb+PEFT, and each cell where they are is
+printed.
 """
 
 from __future__ import annotations
@@ -40,10 +45,8 @@ def buckets(ms) -> list[tuple[int, int | None]]:
 
 
 def _phase(fig: dict, phase: str) -> float | None:
-    """fwd: the fwd time; bwd: fwd+bwd time - fwd time (at least 1 µs: noise can make it negative)."""
-    if phase == "fwd":
-        return fig.get("fwd")
-    return max(fig["fwd+bwd"] - fig["fwd"], 1e-3) if "fwd" in fig and "fwd+bwd" in fig else None
+    """The figure a phase is judged by: fwd: the fwd time; bwd: the whole fwd+bwd time."""
+    return fig.get("fwd" if phase == "fwd" else "fwd+bwd")
 
 
 def _collect(doc):
@@ -56,9 +59,14 @@ def _collect(doc):
             paths.append(impl[10:-1])
         if c["status"] == "ok" and c.get("median_ms") is not None:
             figs[key][impl][c["mode"]] = c["median_ms"]
+            if c.get("host_bound"):
+                HOST_BOUND.add((key, impl, c["mode"]))
         elif c["status"] == "error":
             errors.add((key, impl))
     return figs, errors, paths
+
+
+HOST_BOUND: set = set()  # (key, implementation, mode) of the cells the sweep flagged host-bound
 
 
 def _choose(figs, errors, keys, paths, phase):
@@ -68,6 +76,11 @@ def _choose(figs, errors, keys, paths, phase):
                     and _phase(figs[k].get(f"qlora_ext[{p}]", {}), phase) is not None for k in keys)]
     if not cand:  # qlora_ext.policy takes path names only: the portable kernels, and the why says so
         return "fused", f"{phase} fused: no path measured in every cell (not measured: the portable kernels)"
+    if phase == "bwd":  # judge on the cells where some candidate's GPU work shows (see the module docstring)
+        mode = "fwd+bwd"
+        keys = [k for k in keys if not all((k, f"qlora_ext[{p}]", mode) in HOST_BOUND for p in cand)]
+        if not keys:
+            return None, "host-bound"
     t = {k: {p: _phase(figs[k][f"qlora_ext[{p}]"], phase) for p in cand} for k in keys}
     worst = {p: max(t[k][p] / min(t[k].values()) for k in keys) for p in cand}
     ranked = sorted(cand, key=lambda p: (worst[p], sum(t[k][p] for k in keys), paths.index(p)))
@@ -91,8 +104,8 @@ def _check(figs, choice) -> list[str]:
         ours = {"fwd": f.get("fwd")}
         if fwd_p == bwd_p and "fwd+bwd" in f:
             ours["fwd+bwd"] = f["fwd+bwd"]
-        elif "fwd" in f and _phase(b, "bwd") is not None:
-            ours["fwd+bwd"] = f["fwd"] + _phase(b, "bwd")
+        elif "fwd" in f and "fwd" in b and "fwd+bwd" in b:  # mixed pair: estimate, fwd of one + bwd of the other
+            ours["fwd+bwd"] = f["fwd"] + max(b["fwd+bwd"] - b["fwd"], 0.0)
         for mode, t in ours.items():
             if t is not None and mode in bnb and t > bnb[mode]:
                 paths = fwd_p if mode == "fwd" else f"{fwd_p}/{bwd_p}"
@@ -108,11 +121,20 @@ def generate(doc) -> tuple[list[dict], list[str], list[str]]:
     cc = str(doc.get("gpu", {}).get("capability", "?"))
     rules, choice, warn = [], {}, []
     for cls in CLASSES:
+        group = []
         for m, m_max in buckets(k[3] for k in measured):
             keys = [k for k in measured if k[3] == m and shape_class(k[2], k[1]) == cls]
-            if not keys:
-                continue
-            (fwd, why_f), (bwd, why_b) = (_choose(figs, errors, keys, paths, ph) for ph in ("fwd", "bwd"))
+            if keys:
+                group.append((m, m_max, _choose(figs, errors, keys, paths, "fwd"),
+                              _choose(figs, errors, keys, paths, "bwd")))
+        decided = [(m, bwd) for m, _, _, bwd in group if bwd[0] is not None]
+        for m, m_max, (fwd, why_f), (bwd, why_b) in group:
+            if bwd is None:  # all host-bound: the nearest bucket (log m) with GPU-bound evidence, larger m on ties
+                if not decided:
+                    bwd, why_b = "fused", "bwd fused: every backward cell of this class is host-bound"
+                else:
+                    m2, (bwd, _) = min(decided, key=lambda d: (abs(math.log(d[0] / m)), -d[0]))
+                    why_b = f"bwd {bwd}: every cell at m={m} is host-bound; taken from m={m2}"
             warn += [f"{cls} m={m}: {w}" for w in (why_f, why_b) if "not measured" in w]
             rules.append({"cc": cc, "dtype": "*", "shape_class": cls, "m_max": m_max, "fwd": fwd, "bwd": bwd,
                           "why": f"{why_f}; {why_b}"})
