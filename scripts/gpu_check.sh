@@ -64,6 +64,9 @@ fi
 if has probe; then
   stage probe $PY scripts/probe_decode_gemm.py
 fi
+if has profile; then  # not in the default stages: host-side cost of one layer call, per implementation
+  stage profile $PY scripts/profile_layer.py
+fi
 if has bench; then
   stage bench $PY -m pytest bench -q -p no:cacheprovider --bench-out "$OUT/bench" ${BENCH_ARGS:-}
 fi
@@ -72,6 +75,7 @@ tail -n 3 "$LOGS/test.log" 2>/dev/null
 grep -E "^(FAILED|ERROR)" "$LOGS/test.log" 2>/dev/null | head -40
 grep -HE "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_kernels:" "$LOGS"/san_*.log 2>/dev/null
 grep -vE '^\{' "$LOGS/probe.log" 2>/dev/null
+grep -E "^===|Self CPU time total" "$LOGS/profile.log" 2>/dev/null
 [ -f "$LOGS/bench.log" ] && tail -n 40 "$LOGS/bench.log"
 tar -C "$OUT" -czf "$OUT/gpu_check.tgz" logs $( [ -d "$OUT/bench" ] && echo bench ) && rm -rf "$LOGS" "$OUT/bench"
 echo "--- summary"; tar -xzOf "$OUT/gpu_check.tgz" logs/summary.txt
