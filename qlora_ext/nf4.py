@@ -1,5 +1,8 @@
 """NF4Weight: a frozen [n, k] weight in bitsandbytes' NF4 format (optionally double-quantized), and quantize_nf4.
 
+NF4Storage holds the same tensors inside a module (QLoRALinear.base), as frozen uint8 parameters, so that
+DistributedDataParallel and fully_shard see them (see its docstring).
+
 The tensors are bnb's, byte for byte (format and rounding rules: qlora_ext/reference.py), so a bnb Linear4bit,
 an HF "bnb-4bit" checkpoint and an NF4Weight convert into each other without requantization:
 
@@ -14,10 +17,12 @@ an HF "bnb-4bit" checkpoint and an NF4Weight convert into each other without req
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch import nn
 
 from . import reference
 
@@ -226,3 +231,159 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         nested_absmax = offset = None
     return NF4Weight(w_nf4.view(-1, 1), absmax, reference.nf4_code(w.device), nested_absmax, nested_code, offset,
                      tuple(w.shape), w.dtype, blocksize)
+
+
+# ---- NF4Storage: the storage as module state -------------------------------------------------------------------
+# The six storage tensors in op order; fp32 ones are held as their bytes (see NF4Storage).
+_STORAGE_NAMES = ("w_nf4", "absmax", "code", "nested_absmax", "nested_code", "offset")
+
+
+def _is_dtensor(t) -> bool:
+    """Whether t is a DTensor, i.e. a shard that fully_shard registered in place of the whole tensor. Looked up
+    among the loaded modules (no DTensor exists before torch.distributed.tensor is imported): importing it here
+    would add most of a second to `import qlora_ext`."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _as_rows_of_bytes(t: torch.Tensor) -> torch.Tensor:
+    """An fp32 tensor's bytes as uint8 [numel, 4], one row per value (a view where t is contiguous)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).view(-1, 4)
+
+
+class NF4Storage(nn.Module):
+    """The storage of an NF4Weight as frozen uint8 parameters (requires_grad=False), in op order:
+
+        w_nf4          uint8 ((n*k+1)//2, 1)  the packed codes (NF4Weight.packed)
+        absmax         uint8 [nblocks]        with double quant; without it the fp32 absmax as bytes [nblocks, 4]
+        code           uint8 [16, 4]          the fp32 codebook as bytes, one row per value
+        nested_absmax  uint8 [ngroups, 4]     fp32 as bytes; None without double quant
+        nested_code    uint8 [256, 4]         fp32 as bytes; None without double quant
+        offset         uint8 [1, 4]           the fp32 0-d offset as bytes; None without double quant
+
+    Why parameters: DistributedDataParallel broadcasts buffers before every forward (broadcast_buffers=True) but
+    parameters only once, when it wraps the model, and buckets gradients only for parameters that require them;
+    fully_shard shards parameters (dim 0) and all-gathers them per group for forward and backward; Module.to()
+    and state-dict machinery see them. Why uint8 only: fully_shard all-gathers them as they are, in their 4-bit
+    form, and MixedPrecisionPolicy(param_dtype=...), model.half() and model.to(dtype) cast floating-point tensors
+    only; fp32 values become rows of 4 bytes, so that dim-0 sharding never splits one. op_args() views the bytes
+    as the op's tensors (no copy).
+
+    state_dict: while whole, nothing here; the owning QLoRALinear writes bitsandbytes' keys (`weight`,
+    `weight.absmax`, ...). While sharded by fully_shard, the parameters under their own names, as DTensor shards,
+    which is what torch.distributed.checkpoint saves, loads and gathers (bitsandbytes' serialized quant state
+    needs whole tensors). bitsandbytes' keys load into whole and sharded layers (each rank keeps its slice); this
+    form loads as DTensors (torch.distributed.checkpoint, set_model_state_dict) or, gathered whole, into a whole
+    layer.
+    """
+
+    def __init__(self, weight: NF4Weight):
+        super().__init__()
+        self.set(weight)
+
+    def set(self, weight: NF4Weight) -> None:
+        """Hold `weight`'s tensors (shared, not copied) in place of the current ones. While sharded, copy this
+        rank's slice of them into the shards instead (no communication: `weight` is whole on every rank)."""
+        double_quant = weight.double_quant
+        tensors = (weight.packed.detach(),
+                   weight.absmax.detach() if double_quant else _as_rows_of_bytes(weight.absmax),
+                   _as_rows_of_bytes(weight.code),
+                   *((_as_rows_of_bytes(t) if t is not None else None)
+                     for t in (weight.nested_absmax, weight.nested_code, weight.offset)))
+        if "w_nf4" in self._parameters and self.is_sharded:
+            self._copy_into_shards(tensors)
+        else:
+            for name, t in zip(_STORAGE_NAMES, tensors):
+                self.register_parameter(name, None if t is None else nn.Parameter(t, requires_grad=False))
+        self.shape, self.weight_dtype, self.blocksize = tuple(weight.shape), weight.dtype, weight.blocksize
+
+    @torch.no_grad()
+    def _copy_into_shards(self, tensors) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        params = [getattr(self, name) for name in _STORAGE_NAMES]
+        if any((p is None) != (t is None) or (t is not None and tuple(p.shape) != tuple(t.shape))
+               for p, t in zip(params, tensors)):
+            raise RuntimeError("NF4Storage.set: the NF4 base is sharded by fully_shard, so it takes a weight of the "
+                               "same layout only (shape, blocksize, double quant); load a base of another layout "
+                               "before calling fully_shard")
+        for param, t in zip(params, tensors):
+            if param is not None:
+                # src_data_rank=None: every rank cuts its own slice, as fully_shard cut the shards.
+                local = distribute_tensor(t.to(param.device), param.device_mesh, param.placements,
+                                          src_data_rank=None).to_local()
+                param.to_local().copy_(local)
+
+    @staticmethod
+    def state_dict_keys(prefix: str = "") -> tuple:
+        """The keys of this form of the base (written while sharded)."""
+        return tuple(prefix + name for name in _STORAGE_NAMES)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def is_sharded(self) -> bool:
+        return _is_dtensor(self.w_nf4)
+
+    def op_args(self) -> tuple:
+        """The six storage tensors as the ops take them (views of the parameters): (w_nf4 1-D, absmax, code,
+        nested_absmax, nested_code, offset), as NF4Weight.op_args()."""
+        if self.is_sharded:
+            raise RuntimeError(
+                "QLoRALinear: its NF4 base is sharded by fully_shard (each rank holds a slice of the bytes); run the "
+                "layer through the forward of the fully_shard module that holds it (which all-gathers the base), "
+                "or call .unshard() on that module first and .reshard() after")
+
+        def floats(t, shape):
+            return None if t is None else t.view(torch.float32).view(shape)
+
+        double_quant = self.nested_absmax is not None
+        return (self.w_nf4.view(-1),
+                self.absmax if double_quant else floats(self.absmax, (-1,)),
+                floats(self.code, (16,)),
+                floats(self.nested_absmax, (-1,)),
+                floats(self.nested_code, (256,)),
+                floats(self.offset, ()))
+
+    def weight(self) -> NF4Weight:
+        """An NF4Weight over the current storage (shared, not copied)."""
+        w_nf4, *rest = (None if t is None else t.detach() for t in self.op_args())
+        return NF4Weight(w_nf4.view(-1, 1), *rest, self.shape, self.weight_dtype, self.blocksize)
+
+    def nbytes(self) -> tuple[int, int]:
+        """(bytes this process holds, bytes of the whole storage): equal unless sharded."""
+        local = whole = 0
+        for param in self.parameters(recurse=False):
+            shard = param.to_local() if _is_dtensor(param) else param
+            local += shard.numel() * shard.element_size()
+            whole += param.numel() * param.element_size()
+        return local, whole
+
+    # ---- module plumbing -------------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        # The bytes follow device moves only: every built-in cast skips uint8 except Module.type(dtype), and a
+        # cast would turn codes and scale bytes into numbers.
+        def device_only(t):
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(out.device)
+
+        return super()._apply(device_only, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.is_sharded:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # This form only when the state dict has it (sharded, or gathered from sharded); otherwise the owner reads
+        # bitsandbytes' keys, and reports the base missing if neither form is there.
+        if any(key in state_dict for key in self.state_dict_keys(prefix)):
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        n, k = self.shape
+        return (f"shape=({n}, {k}), dtype={self.weight_dtype}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, sharded={self.is_sharded}")

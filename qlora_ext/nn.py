@@ -6,6 +6,10 @@ The base weight is an NF4Weight (bitsandbytes' format, double quant by default) 
 lora_A [r, k] and lora_B [n, r] are the only trainable parameters (lora_B starts at zero, so a fresh layer equals
 its base). state_dict() writes the base under bitsandbytes' keys (`weight`, `weight.absmax`, ...), so a
 checkpoint moves between this layer and bnb's Linear4bit unchanged.
+
+The base's tensors live in the child module `base` (an NF4Storage) as frozen uint8 parameters, so that
+DistributedDataParallel leaves them out of gradient reduction and per-step broadcasts, and fully_shard shards
+them with the adapters and all-gathers them in their 4-bit form; `weight_nf4` is an NF4Weight view of them.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.qlora_ext.*)
-from .nf4 import NF4Weight, quantize_nf4
+from .nf4 import NF4Storage, NF4Weight, quantize_nf4
 
 __all__ = ["QLoRALinear"]
 
@@ -47,7 +51,7 @@ class QLoRALinear(nn.Module):
         self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, float(lora_dropout), use_rslora
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.init = init
-        self.weight_nf4 = weight_nf4
+        self.base = NF4Storage(weight_nf4)
         dtype = dtype or weight_nf4.dtype
         device = weight_nf4.packed.device
         self.lora_A = nn.Parameter(torch.empty(r, k, dtype=dtype, device=device), requires_grad=not freeze_A)
@@ -82,9 +86,22 @@ class QLoRALinear(nn.Module):
         weight_nf4 = NF4Weight.from_bnb(linear4bit.weight.data, quant_state)
         return cls(weight_nf4, r, lora_alpha, lora_dropout, use_rslora, linear4bit.bias, init, freeze_A)
 
+    @property
+    def weight_nf4(self) -> NF4Weight:
+        """The frozen base as an NF4Weight (a view of `base`'s parameters, not a copy)."""
+        return self.base.weight()
+
+    @weight_nf4.setter
+    def weight_nf4(self, weight_nf4: NF4Weight) -> None:
+        if tuple(weight_nf4.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"QLoRALinear: the NF4 base must be [n, k] = [{self.out_features}, "
+                             f"{self.in_features}] for this layer, got {tuple(weight_nf4.shape)}; build a new "
+                             f"layer for another shape")
+        self.base.set(weight_nf4)
+
     def _init_adapter(self, init: str, init_weight: Optional[Tensor]) -> None:
         from .init import init_lora
-        n, k = self.weight_nf4.shape
+        n, k = self.base.shape
         if init in ("kaiming", "gaussian"):
             # These only need the weight's shape and device: a zero-stride stand-in avoids dequantizing w.
             init_weight = torch.zeros((), device=self.lora_A.device).expand(n, k)
@@ -113,7 +130,9 @@ class QLoRALinear(nn.Module):
         dtype = x.dtype
         # Under autocast, compute like nn.Linear does: in the autocast dtype (on CUDA that is also what the kernels
         # take). The adapters stay fp32 master weights; their gradients come back fp32 through the casts below.
-        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        # (Only cuda and cpu have autocast; asking another device type raises. A name check rather than
+        # torch.amp.is_autocast_available keeps the forward traceable by torch.compile on torch 2.11.)
+        autocast = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
         if autocast and x.is_floating_point():
             dtype = torch.get_autocast_dtype(device_type)
         x2 = x.reshape(-1, self.in_features).to(dtype)
@@ -121,8 +140,8 @@ class QLoRALinear(nn.Module):
         # A fresh dropout seed per call; drawn as a tensor so a compiled graph keeps drawing new ones.
         seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else self._zero_seed()
         bias = self.bias.to(dtype) if self.bias is not None else None
-        args = (x2, *self.weight_nf4.op_args(), self.lora_A.to(dtype), self.lora_B.to(dtype), bias, self.scaling, p,
-                seed, self.weight_nf4.blocksize)
+        args = (x2, *self.base.op_args(), self.lora_A.to(dtype), self.lora_B.to(dtype), bias, self.scaling, p,
+                seed, self.base.blocksize)
         if autocast:
             # The inputs are cast already. Autocast must not reach inside the op: its reference implementation
             # computes in fp32 on purpose (the spec the kernels match), and autocast would run those matmuls in
@@ -155,18 +174,13 @@ class QLoRALinear(nn.Module):
         return out
 
     # ---- module plumbing -------------------------------------------------------------------------------------
-    def _apply(self, fn, recurse=True):
-        # NF4 constants must keep their dtypes (uint8 codes, fp32 scales): follow device moves only, so that
-        # model.half() or model.to(torch.bfloat16) does not corrupt the base.
-        super()._apply(fn, recurse)
-        device = fn(torch.empty(0, device=self.weight_nf4.packed.device)).device
-        if device != self.weight_nf4.packed.device:
-            self.weight_nf4 = self.weight_nf4.to(device)
-        return self
+    # model.half() / model.to(torch.bfloat16) cast the adapters and leave the base as it is: its parameters are
+    # uint8 (see NF4Storage), which those casts skip.
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination.update(self.weight_nf4.state_dict(prefix=prefix + "weight"))
+        if not self.base.is_sharded:  # sharded, `base` writes its shards under their own names instead
+            destination.update(self.weight_nf4.state_dict(prefix=prefix + "weight"))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -176,12 +190,18 @@ class QLoRALinear(nn.Module):
         base_keys = [key for key in state_dict if key in known]
         if base_keys:
             loaded = NF4Weight.from_state_dict({key: state_dict[key] for key in base_keys}, prefix=prefix + "weight")
-            if tuple(loaded.shape) != tuple(self.weight_nf4.shape):
+            if tuple(loaded.shape) != tuple(self.base.shape):
                 error_msgs.append(f"{prefix}weight: NF4 shape {tuple(loaded.shape)} does not match "
-                                  f"{tuple(self.weight_nf4.shape)}")
+                                  f"{tuple(self.base.shape)}")
             else:
-                self.weight_nf4 = loaded.to(self.weight_nf4.packed.device)
-        elif strict:
+                # Whole: the loaded tensors replace the storage; sharded: each rank keeps its slice of them.
+                try:
+                    self.base.set(loaded.to(self.lora_A.device))
+                except RuntimeError as exc:
+                    error_msgs.append(f"{prefix}weight: {exc}")
+        elif strict and not any(key in state_dict for key in NF4Storage.state_dict_keys(prefix + "base.")):
+            # Without bitsandbytes' keys the base may come in NF4Storage's own form (`base.w_nf4`, ...), which
+            # `base` loads (and reports missing pieces of) itself.
             missing_keys.append(prefix + "weight")
         rest = {key: value for key, value in state_dict.items() if key not in known}
         # The base keys are consumed above; the parent handles lora_A, lora_B and bias, and reports the rest.
@@ -189,8 +209,8 @@ class QLoRALinear(nn.Module):
                                       error_msgs)
 
     def extra_repr(self) -> str:
-        w = self.weight_nf4
+        base = self.base
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, lora_dropout={self.lora_dropout}, "
-                f"use_rslora={self.use_rslora}, bias={self.bias is not None}, base=NF4(blocksize={w.blocksize}, "
-                f"double_quant={w.nested_absmax is not None}, dtype={w.dtype}), adapter_dtype={self.lora_A.dtype}")
+                f"use_rslora={self.use_rslora}, bias={self.bias is not None}, base=NF4(blocksize={base.blocksize}, "
+                f"double_quant={base.double_quant}, dtype={base.weight_dtype}), adapter_dtype={self.lora_A.dtype}")
