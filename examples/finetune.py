@@ -449,6 +449,13 @@ def main() -> None:
         import torch.distributed as dist
         dist.barrier()  # every rank is done (rank 0's files included) before any tears its connections down
         dist.destroy_process_group()
+        # torch 2.14's gloo backend can still be releasing a collective on a worker thread while the interpreter
+        # shuts down, which aborts the process ("terminate called without an active exception", exit -6) after
+        # all work is done and written. Skip interpreter teardown once the outputs are flushed.
+        import sys
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
