@@ -261,10 +261,14 @@ def parallelize(model: nn.Module, args: argparse.Namespace, world: int) -> nn.Mo
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from qlora_ext.distributed import set_storage_dtype, storage_dtype_for_fully_shard
+
     mesh = init_device_mesh(args.device.type, (world,))
+    # The NF4 storage: uint8, or (torch releases whose fully_shard takes floating parameters only) the same bytes
+    # as args.dtype elements; either way the policy below leaves it as it is.
+    set_storage_dtype(model, storage_dtype_for_fully_shard(args.dtype))
     if args.dtype != torch.float32:
-        # fp32 master adapters; every forward gets args.dtype copies and gradients are reduced in fp32. The NF4
-        # storage is uint8, which the policy leaves as it is.
+        # fp32 master adapters; every forward gets args.dtype copies and gradients are reduced in fp32.
         for layer in model.modules():
             if isinstance(layer, qlora_ext.QLoRALinear):
                 layer.to(torch.float32)

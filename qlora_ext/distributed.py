@@ -7,12 +7,14 @@ DDP    DistributedDataParallel(model) as it is. The NF4 storage of every QLoRALi
        uint8 parameters: DDP broadcasts them once, when it wraps the model, and never per step (what
        broadcast_buffers=True broadcasts before each forward is buffers), and it reduces the gradients of the
        trainable parameters (the adapters) only.
-FSDP2  fully_shard(decoder_layer, mesh=..., mp_policy=...) for each decoder layer, then fully_shard(model). Every
-       rank keeps 1/N (dim 0, padded) of each storage tensor; each layer's forward and backward all-gather its
-       storage as uint8, i.e. in its 4-bit form, and free it after. MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-       reduce_dtype=torch.float32) casts the floating-point parameters only, so the adapters compute in bf16 and
-       reduce in fp32 while the storage stays bytes. With fp32 adapters (layer.to(torch.float32) before sharding)
-       they are the fp32 master weights.
+FSDP2  set_storage_dtype(model, storage_dtype_for_fully_shard(param_dtype)), then fully_shard(decoder_layer,
+       mesh=..., mp_policy=...) for each decoder layer, then fully_shard(model). Every rank keeps 1/N (dim 0, padded)
+       of each storage tensor; each layer's forward and backward all-gather its storage as it is, i.e. in its 4-bit
+       form, and free it after. MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+       casts the floating-point parameters only, so the adapters compute in bf16 and reduce in fp32 while the
+       storage stays bytes: uint8 where this torch's fully_shard takes integer parameters, else the bytes held as
+       param_dtype elements, which the policy does not cast (equal dtypes). With fp32 adapters
+       (layer.to(torch.float32) before sharding) they are the fp32 master weights.
        While sharded, layer.weight_nf4 and anything built on it (dequantize, merge) needs the whole base: call
        .unshard() on the fully_shard module that holds the layer first. The model's state_dict() then holds the
        storage as DTensor shards under their own names (`...q_proj.base.w_nf4`, ...), which
@@ -23,6 +25,8 @@ save_adapter writes the same PEFT-format files from any of these as qlora_ext.sa
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 from typing import Any, Optional, Union
@@ -34,7 +38,7 @@ from torch import nn
 from . import peft_compat
 from .nf4 import NF4Storage, _is_dtensor
 
-__all__ = ["nf4_bytes", "save_adapter", "gather_parameters"]
+__all__ = ["nf4_bytes", "save_adapter", "gather_parameters", "set_storage_dtype", "storage_dtype_for_fully_shard"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -53,6 +57,45 @@ def _is_initialized() -> bool:
 
 def _rank() -> int:
     return torch.distributed.get_rank() if _is_initialized() else 0
+
+
+@functools.cache
+def _fully_shard_takes_integer_parameters() -> bool:
+    """Whether this torch's fully_shard can shard a frozen integer parameter. Older releases create the sharded
+    parameter with requires_grad=True and reset it after, which raises for integer dtypes (torch's issue 177844);
+    the fixed code passes requires_grad at creation. Read from the source; when it cannot be read, assume not."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+        source = inspect.getsource(FSDPParam._init_sharded_param)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return False
+    return "requires_grad=param.requires_grad" in source
+
+
+def storage_dtype_for_fully_shard(param_dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """The NF4 storage dtype to shard with fully_shard under a MixedPrecisionPolicy of `param_dtype` (None: no
+    policy, pass the adapters' dtype): uint8 where fully_shard takes integer parameters, else `param_dtype`, which
+    the policy then leaves uncast."""
+    if _fully_shard_takes_integer_parameters():
+        return torch.uint8
+    if param_dtype is None or not param_dtype.is_floating_point:
+        raise ValueError("storage_dtype_for_fully_shard: this torch's fully_shard cannot hold integer parameters; "
+                         "pass the MixedPrecisionPolicy's param_dtype (or the adapters' dtype without a policy)")
+    return param_dtype
+
+
+def set_storage_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Hold every QLoRALinear base of `model` as `dtype` elements (the same bytes; see NF4Storage). Call it before
+    fully_shard, with storage_dtype_for_fully_shard(param_dtype). All layers or none: the dtype is checked first."""
+    from .nf4 import STORAGE_DTYPES
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"set_storage_dtype: dtype must be one of {STORAGE_DTYPES}, got {dtype}")
+    storages = _storages(model)
+    sharded = [name for name, storage in storages.items() if storage.is_sharded]
+    if sharded:
+        raise RuntimeError(f"set_storage_dtype: {sharded[0]} is already sharded by fully_shard; call it before")
+    for storage in storages.values():
+        storage.set_storage_dtype(dtype)
 
 
 def nf4_bytes(model: nn.Module) -> tuple[int, int]:

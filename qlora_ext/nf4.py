@@ -251,8 +251,24 @@ def _as_rows_of_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).view(-1, 4)
 
 
+STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+
+
+def _as_storage(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 rows [N, B] (B = 1 or 4 bytes) as rows of `dtype`: [N, B / size] where the size divides B (a view),
+    else (1-byte rows, 2- or 4-byte dtype) the bytes padded to whole elements, one element per row (a copy)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if rows.shape[1] % size == 0:
+        return rows.view(dtype)
+    flat = rows.reshape(-1)
+    padded = flat.new_zeros(-(-flat.numel() // size) * size)
+    padded[: flat.numel()] = flat
+    return padded.view(dtype).view(-1, 1)
+
+
 class NF4Storage(nn.Module):
-    """The storage of an NF4Weight as frozen uint8 parameters (requires_grad=False), in op order:
+    """The storage of an NF4Weight as frozen parameters of bytes (requires_grad=False), in op order (shapes for
+    the default storage dtype, uint8):
 
         w_nf4          uint8 ((n*k+1)//2, 1)  the packed codes (NF4Weight.packed)
         absmax         uint8 [nblocks]        with double quant; without it the fp32 absmax as bytes [nblocks, 4]
@@ -269,6 +285,14 @@ class NF4Storage(nn.Module):
     only; fp32 values become rows of 4 bytes, so that dim-0 sharding never splits one. op_args() views the bytes
     as the op's tensors (no copy).
 
+    Storage dtype (`storage_dtype`, default uint8; set_storage_dtype() changes it): the same bytes may be held as
+    bfloat16, float16 or float32 elements instead, for torch releases whose fully_shard cannot hold an integer
+    parameter (it creates its sharded parameters with requires_grad=True before resetting it, which only floating
+    dtypes allow; torch's issue 177844). The bytes are then grouped into elements of that dtype (1-byte rows padded
+    to whole elements); nothing is converted. A floating storage must equal the MixedPrecisionPolicy's param_dtype
+    (equal dtypes are not cast; any other would turn the bytes into numbers): op_args() refuses a storage that
+    arrives in another dtype. Model-level casts (model.half(), .to(dtype)) never touch it (see _apply).
+
     state_dict: while whole, nothing here; the owning QLoRALinear writes bitsandbytes' keys (`weight`,
     `weight.absmax`, ...). While sharded by fully_shard, the parameters under their own names, as DTensor shards,
     which is what torch.distributed.checkpoint saves, loads and gathers (bitsandbytes' serialized quant state
@@ -277,19 +301,34 @@ class NF4Storage(nn.Module):
     layer.
     """
 
-    def __init__(self, weight: NF4Weight):
+    def __init__(self, weight: NF4Weight, storage_dtype: torch.dtype = torch.uint8):
         super().__init__()
+        self.storage_dtype = torch.uint8
+        self.set(weight)
+        if storage_dtype != torch.uint8:
+            self.set_storage_dtype(storage_dtype)
+
+    def set_storage_dtype(self, dtype: torch.dtype) -> None:
+        """Hold the same bytes as `dtype` elements (see the class docstring); only while whole."""
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"NF4Storage: storage dtype must be one of {STORAGE_DTYPES}, got {dtype}")
+        if self.is_sharded:
+            raise RuntimeError("NF4Storage.set_storage_dtype: the base is sharded by fully_shard; set the storage "
+                               "dtype before calling fully_shard")
+        weight = self.weight()
+        self.storage_dtype = dtype
         self.set(weight)
 
     def set(self, weight: NF4Weight) -> None:
         """Hold `weight`'s tensors (shared, not copied) in place of the current ones. While sharded, copy this
         rank's slice of them into the shards instead (no communication: `weight` is whole on every rank)."""
         double_quant = weight.double_quant
-        tensors = (weight.packed.detach(),
-                   weight.absmax.detach() if double_quant else _as_rows_of_bytes(weight.absmax),
-                   _as_rows_of_bytes(weight.code),
-                   *((_as_rows_of_bytes(t) if t is not None else None)
-                     for t in (weight.nested_absmax, weight.nested_code, weight.offset)))
+        rows = (weight.packed.detach(),
+                weight.absmax.detach().view(-1, 1) if double_quant else _as_rows_of_bytes(weight.absmax),
+                _as_rows_of_bytes(weight.code),
+                *((_as_rows_of_bytes(t) if t is not None else None)
+                  for t in (weight.nested_absmax, weight.nested_code, weight.offset)))
+        tensors = tuple(None if t is None else _as_storage(t, self.storage_dtype) for t in rows)
         if "w_nf4" in self._parameters and self.is_sharded:
             self._copy_into_shards(tensors)
         else:
@@ -336,12 +375,24 @@ class NF4Storage(nn.Module):
                 "layer through the forward of the fully_shard module that holds it (which all-gathers the base), "
                 "or call .unshard() on that module first and .reshard() after")
 
+        wrong = {name: t.dtype for name, t in self._parameters.items() if t is not None and t.dtype != self.storage_dtype}
+        if wrong:
+            raise RuntimeError(
+                f"QLoRALinear: its NF4 storage is held as {self.storage_dtype} but arrived as {wrong}: something cast "
+                f"the packed bytes (e.g. a fully_shard MixedPrecisionPolicy whose param_dtype differs from the "
+                f"storage dtype). Call qlora_ext.distributed.set_storage_dtype(model, param_dtype) before "
+                f"fully_shard.")
+
         def floats(t, shape):
             return None if t is None else t.view(torch.float32).view(shape)
 
+        def nbytes(t, count):  # the first `count` bytes (the rest is padding to whole storage elements)
+            return t.view(torch.uint8).view(-1)[:count]
+
         double_quant = self.nested_absmax is not None
-        return (self.w_nf4.view(-1),
-                self.absmax if double_quant else floats(self.absmax, (-1,)),
+        n, k = self.shape
+        return (nbytes(self.w_nf4, (n * k + 1) // 2),
+                nbytes(self.absmax, -(-n * k // self.blocksize)) if double_quant else floats(self.absmax, (-1,)),
                 floats(self.code, (16,)),
                 floats(self.nested_absmax, (-1,)),
                 floats(self.nested_code, (256,)),

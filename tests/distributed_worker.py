@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from qlora_ext import QLoRALinear
-from qlora_ext.distributed import nf4_bytes
+from qlora_ext.distributed import nf4_bytes, set_storage_dtype, storage_dtype_for_fully_shard
 from qlora_ext.nf4 import NF4Storage
 
 K = 96  # n·k not a multiple of the world size times a block: shards are uneven and padded
@@ -58,6 +58,8 @@ def make_model(seed: int = 0) -> nn.Sequential:
 
 def shard(model: nn.Module, policy: MixedPrecisionPolicy = MixedPrecisionPolicy()) -> nn.Module:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    if all(storage.storage_dtype == torch.uint8 for storage in model.modules() if isinstance(storage, NF4Storage)):
+        set_storage_dtype(model, storage_dtype_for_fully_shard(policy.param_dtype or torch.float32))
     for block in model:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -83,7 +85,7 @@ def check_fsdp_shards_every_storage_tensor():
     world = dist.get_world_size()
     for name, storage in ((n, m) for n, m in model.named_modules() if isinstance(m, NF4Storage)):
         for pname, param in storage.named_parameters():
-            assert isinstance(param, DTensor) and param.dtype == torch.uint8, (name, pname)
+            assert isinstance(param, DTensor) and param.dtype == storage.storage_dtype, (name, pname)
             rows = param.shape[0]
             chunk = -(-rows // world)  # dim-0 chunks as torch.chunk cuts them
             expected = max(0, min(chunk, rows - dist.get_rank() * chunk))
@@ -94,7 +96,7 @@ def check_fsdp_shards_every_storage_tensor():
     assert sum(totals) == whole, (totals, whole)
 
 
-def check_fsdp_gathers_uint8_under_a_bf16_policy():
+def check_fsdp_gathers_bytes_under_a_bf16_policy():
     model = shard(make_model(), MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
     seen = {}
 
@@ -108,7 +110,9 @@ def check_fsdp_gathers_uint8_under_a_bf16_policy():
     assert len(seen) == 4
     for kind, storage_dtypes, adapter_dtype in seen.values():
         # Inside forward: the whole storage (a plain tensor, not a shard), still bytes; the adapters in bf16.
-        assert kind != "DTensor" and set(storage_dtypes.values()) == {torch.uint8}, (kind, storage_dtypes)
+        # (uint8, or where fully_shard takes floating parameters only the bytes as bf16 elements: never cast.)
+        assert kind != "DTensor" and set(storage_dtypes.values()) == {storage_dtype_for_fully_shard(torch.bfloat16)}, \
+            (kind, storage_dtypes)
         assert adapter_dtype == torch.bfloat16
     for layer in layers(model).values():
         assert layer.base.is_sharded  # resharded after forward and backward
@@ -131,6 +135,24 @@ def check_fsdp_forward_and_grads_match_one_process():
             expected = getattr(ref, pname).grad
             err = ((grad - expected).norm() / expected.norm()).item()
             assert err < 1e-5, (name, pname, err)
+
+
+def check_fsdp_float_storage_under_a_bf16_policy():
+    # The storage form of torch releases whose fully_shard takes floating parameters only (bytes as bf16 elements,
+    # equal to the policy's param_dtype): checked on every torch, so that path is exercised where uint8 works too.
+    reference = make_model()
+    model = copy.deepcopy(reference)
+    set_storage_dtype(model, torch.bfloat16)
+    model = shard(model, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    for layer in layers(model).values():
+        assert {p.dtype for p in layer.base.parameters()} == {torch.bfloat16}
+    x = inputs()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = x.shape[0] // world
+    y = model(x[rank * local:(rank + 1) * local])
+    with torch.no_grad():
+        expected = reference.to(torch.bfloat16)(x[rank * local:(rank + 1) * local].bfloat16())
+    assert torch.equal(y, expected), (y - expected).abs().max()
 
 
 def check_sharded_weight_nf4_needs_unshard():
@@ -236,8 +258,9 @@ def check_ddp_broadcasts_the_base_once_and_reduces_only_adapters():
 
 CHECKS = [
     check_fsdp_shards_every_storage_tensor,
-    check_fsdp_gathers_uint8_under_a_bf16_policy,
+    check_fsdp_gathers_bytes_under_a_bf16_policy,
     check_fsdp_forward_and_grads_match_one_process,
+    check_fsdp_float_storage_under_a_bf16_policy,
     check_sharded_weight_nf4_needs_unshard,
     check_sharded_state_dict_gathers_to_the_bnb_base,
     check_bnb_base_loads_into_a_sharded_model,

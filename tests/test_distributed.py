@@ -40,8 +40,9 @@ ADAPTER_RTOL = 1e-4
 NF4_HALF_SLACK = 84 * 4
 WORKER_CHECKS = [
     "check_fsdp_shards_every_storage_tensor",
-    "check_fsdp_gathers_uint8_under_a_bf16_policy",
+    "check_fsdp_gathers_bytes_under_a_bf16_policy",
     "check_fsdp_forward_and_grads_match_one_process",
+    "check_fsdp_float_storage_under_a_bf16_policy",
     "check_sharded_weight_nf4_needs_unshard",
     "check_sharded_state_dict_gathers_to_the_bnb_base",
     "check_bnb_base_loads_into_a_sharded_model",

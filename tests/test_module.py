@@ -83,6 +83,40 @@ def test_half_keeps_nf4_constants():
     assert layer(torch.randn(2, 128, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("storage_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_storage_dtype_holds_the_same_bytes(storage_dtype, double_quant):
+    # n*k odd-sized rows: 96 x 130 would not take k % 64, so 1-byte rows padded to 2/4-byte elements come from an
+    # odd number of blocks (n*k/64 = 3 * 65 = 195 with double quant's uint8 absmax).
+    layer = make_layer(k=192, n=65, double_quant=double_quant)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 192)
+    expected, sd = layer(x), layer.state_dict()
+    before = [None if t is None else t.clone() for t in layer.base.op_args()]
+    qlora_ext.distributed.set_storage_dtype(layer, storage_dtype)
+    assert {p.dtype for p in layer.base.parameters()} == {storage_dtype}
+    after = layer.base.op_args()
+    for b, a in zip(before, after):
+        assert (a is None) == (b is None) and (a is None or (a.dtype == b.dtype and torch.equal(a, b)))
+    assert torch.equal(layer(x), expected)
+    assert all(torch.equal(sd[key], value) for key, value in layer.state_dict().items())
+    halved = copy.deepcopy(layer).half()  # model-level casts leave the storage (now floating) alone
+    assert {p.dtype for p in halved.base.parameters()} == {storage_dtype}
+    qlora_ext.distributed.set_storage_dtype(layer, torch.uint8)
+    assert torch.equal(layer(x), expected)
+
+
+def test_a_cast_storage_is_refused_with_the_fix():
+    layer = make_layer()
+    qlora_ext.distributed.set_storage_dtype(layer, torch.bfloat16)
+    layer.base.w_nf4.data = layer.base.w_nf4.data.half()  # what a policy of another param_dtype would do
+    with pytest.raises(RuntimeError, match="set_storage_dtype"):
+        layer(torch.randn(2, 128))
+    with pytest.raises(ValueError, match="storage dtype"):
+        layer.base.set_storage_dtype(torch.int32)
+
+
 def test_extra_repr_names_the_configuration():
     text = repr(make_layer(lora_dropout=0.05))
     for part in ("in_features=128", "out_features=96", "r=8", "lora_dropout=0.05", "NF4(blocksize=64"):
