@@ -431,8 +431,25 @@ class NF4Storage(nn.Module):
         # This form only when the state dict has it (sharded, or gathered from sharded); otherwise the owner reads
         # bitsandbytes' keys, and reports the base missing if neither form is there.
         if any(key in state_dict for key in self.state_dict_keys(prefix)):
+            # Whole tensors written under another storage dtype hold the same bytes: regroup them into this one's.
+            # (Shards, DTensors, load in the dtype they were sharded with.)
+            for name in _STORAGE_NAMES:
+                t = state_dict.get(prefix + name)
+                if t is not None and not _is_dtensor(t) and t.dtype != self.storage_dtype:
+                    state_dict[prefix + name] = _as_storage(self._byte_rows(name, t), self.storage_dtype)
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
+
+    def _byte_rows(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The uint8 rows of storage tensor `name` from `t` of any storage dtype: 1-byte rows (w_nf4, double-quant
+        absmax) without the padding to whole elements, else 4-byte rows (fp32 values)."""
+        raw = t.detach().contiguous().view(torch.uint8).reshape(-1)
+        n, k = self.shape
+        if name == "w_nf4":
+            return raw[: (n * k + 1) // 2].view(-1, 1)
+        if name == "absmax" and self.double_quant:
+            return raw[: -(-n * k // self.blocksize)].view(-1, 1)
+        return raw.view(-1, 4)
 
     def extra_repr(self) -> str:
         n, k = self.shape
