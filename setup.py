@@ -177,7 +177,13 @@ def cuda_extension():
         sources = [s for s in sources if not s.endswith(FLAGS["sm90_suffix"])]
     cxx = FLAGS["cxx"].split()
     nvcc = FLAGS["nvcc"].split()
+    cutlass_includes = find_cutlass_includes()
     if sm90:
+        if not cutlass_includes and any(s.endswith(FLAGS["sm90_suffix"]) for s in sources):
+            sys.exit(f"qlora_ext: the sm_90a units ({FLAGS['sm90_arch']} is in the arch list) build on CUTLASS, and "
+                     "no CUTLASS headers were found. Install them with `pip install --no-deps "
+                     "nvidia-cutlass==4.2.0.0`, or set CUTLASS_DIR to a CUTLASS checkout, or leave "
+                     f"{FLAGS['sm90_arch']} out of TORCH_CUDA_ARCH_LIST (the portable kernels still run on Hopper).")
         cxx += FLAGS["sm90_defines"].split()
         nvcc += FLAGS["sm90_defines"].split()
     nvcc_threads = int(os.environ.get("NVCC_THREADS") or 1)
@@ -191,8 +197,9 @@ def cuda_extension():
     ext = cpp_extension.CUDAExtension(
         name="qlora_ext._C",
         sources=sources,
-        include_dirs=[str(ROOT / "csrc")] + find_cutlass_includes(),
+        include_dirs=[str(ROOT / "csrc")] + cutlass_includes,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=FLAGS["ldflags"].split() if sys.platform.startswith("linux") else [],
     )
     arch_list = ";".join(a + ("+PTX" if len(g) > 1 else "") for a, g in archs.items())
     return ext, arch_list
@@ -265,6 +272,7 @@ def write_cmake_config(path):
         "INCLUDE_DIRS": ext.include_dirs,
         "LIBRARY_DIRS": ext.library_dirs,
         "LIBRARIES": ext.libraries,
+        "LINK_OPTIONS": ext.extra_link_args,
         "NVCC_LAUNCHER": nvcc_launcher()[:3],
     }
 

@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/dispatch.h"
 #include "common/nf4.cuh"
 #include "common/nf4_tensors.h"
 
@@ -331,12 +332,9 @@ int64_t grid_for(int64_t work_items) {
 void launch_nf4_quantize(const NF4QuantParams& p, at::ScalarType wdtype, cudaStream_t stream) {
   const int64_t chunks = (p.numel + kQuantElemsPerThread - 1) / kQuantElemsPerThread;
   const dim3 grid(unsigned(grid_for(chunks)));
-  switch (wdtype) {
-    case at::kFloat: nf4_quantize_kernel<float><<<grid, kThreads, 0, stream>>>(p); break;
-    case at::kHalf: nf4_quantize_kernel<__half><<<grid, kThreads, 0, stream>>>(p); break;
-    case at::kBFloat16: nf4_quantize_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
-    default: TORCH_CHECK(false, "quantize_nf4: w must be float32, float16 or bfloat16, got ", wdtype);
-  }
+  dispatch_float(wdtype, "quantize_nf4: w", [&](auto tag) {
+    nf4_quantize_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(p);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -349,12 +347,9 @@ void launch_nf4_quantize_nested(const NF4QuantParams& p, cudaStream_t stream) {
 void launch_nf4_dequantize(const NF4DequantParams& p, at::ScalarType dtype, cudaStream_t stream) {
   const int64_t warps = ceil_div(ceil_div(p.numel, 8), kDqPiecesPerWarp);
   const dim3 grid(unsigned(grid_for(warps * 32)));
-  switch (dtype) {
-    case at::kFloat: nf4_dequantize_kernel<float><<<grid, kThreads, 0, stream>>>(p); break;
-    case at::kHalf: nf4_dequantize_kernel<__half><<<grid, kThreads, 0, stream>>>(p); break;
-    case at::kBFloat16: nf4_dequantize_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
-    default: TORCH_CHECK(false, "dequantize_nf4: out must be float32, float16 or bfloat16, got ", dtype);
-  }
+  dispatch_float(dtype, "dequantize_nf4: out", [&](auto tag) {
+    nf4_dequantize_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(p);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -41,6 +41,10 @@ TORCH_LIBRARY_FRAGMENT(qlora_ext, m) {
   // csrc/qlora_gemv.cu. Same contract as _fused_fwd for 1 <= m <= 32 (split-k decode kernel). Experimental.
   m.def("_gemv_fwd(Tensor x, Tensor?[] w, Tensor lora_A, Tensor lora_B, Tensor? bias, float scaling, "
         "float dropout_p, int seed) -> (Tensor, Tensor)");
+  // csrc/qlora_fwd_sm90.cu. Same contract as _fused_fwd; Hopper (sm_90a) only: NF4 GEMM on CUTLASS's mixed-input
+  // wgmma mainloop, LoRA products on cuBLAS. Twin: reference.qlora_linear.
+  m.def("_sm90_fwd(Tensor x, Tensor?[] w, Tensor lora_A, Tensor lora_B, Tensor? bias, float scaling, "
+        "float dropout_p, int seed) -> (Tensor, Tensor)");
   // csrc/qlora_bwd_dx.cu. -> (dx [m, k], g = scaling·dy·lora_B [m, r]). Twin: dx of
   // reference.qlora_linear_backward.
   m.def("_fused_bwd_dx(Tensor dy, Tensor?[] w, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, "
@@ -52,4 +56,27 @@ TORCH_LIBRARY_FRAGMENT(qlora_ext, m) {
   // csrc/lora_dropout.cu. -> t ⊙ mask / (1 - p) with the fused kernels' counter mask (idx = row * k + col),
   // 0 < p < 1. Twin: reference.dropout.
   m.def("_lora_dropout(Tensor t, float dropout_p, int seed) -> Tensor");
+  // csrc/qlora_autograd.cpp. The fused path's backward -> (dx [m, k], dA [r, k], dB [n, r]): _fused_bwd_dx, then
+  // _bwd_ab. Every path's backward op has this signature (csrc/path_ops.h). Twin: reference.qlora_linear_backward.
+  m.def("_fused_bwd(Tensor dy, Tensor x, Tensor u, Tensor?[] w, Tensor lora_A, Tensor lora_B, float scaling, "
+        "float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
+  // csrc/decode_gemm.cpp. The decode + cuBLAS path's forward: whole-weight decode into the shared workspace, then
+  // cuBLAS; same contract as _fused_fwd. Twin: reference.qlora_linear.
+  m.def("_decode_gemm_fwd(Tensor x, Tensor?[] w, Tensor lora_A, Tensor lora_B, Tensor? bias, float scaling, "
+        "float dropout_p, int seed) -> (Tensor, Tensor)");
+  // csrc/decode_gemm.cpp. Its backward -> (dx, dA, dB), same contract as _fused_bwd. Twin:
+  // reference.qlora_linear_backward.
+  m.def("_decode_gemm_bwd(Tensor dy, Tensor x, Tensor u, Tensor?[] w, Tensor lora_A, Tensor lora_B, "
+        "float scaling, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
+  // csrc/decode_gemm.cpp. -> bytes held by the decode workspaces (all devices, dtypes and streams).
+  m.def("_workspace_bytes() -> int");
+  // csrc/decode_gemm.cpp. Drop the decode workspaces (the next _decode_gemm_* call allocates again).
+  m.def("_release_workspace() -> ()");
+  // csrc/qlora_autograd.cpp. The GEMM path names in path-id order; must equal qlora_ext.policy.PATHS.
+  m.def("_path_names() -> str[]");
+  // csrc/qlora_autograd.cpp. QLoRALinear's eager CUDA call -> y [m, n], with a C++ autograd node: forward by the
+  // forward op of path fwd_path, backward by the backward op of bwd_path (indices into _path_names()). Twin:
+  // reference.qlora_linear (y) and reference.qlora_linear_backward (gradients).
+  m.def("_linear(Tensor x, Tensor?[] w, Tensor lora_A, Tensor lora_B, Tensor? bias, float scaling, "
+        "float dropout_p, int seed, int fwd_path, int bwd_path) -> Tensor");
 }

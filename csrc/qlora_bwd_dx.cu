@@ -35,21 +35,11 @@
 namespace qlora_ext {
 namespace {
 
-struct QloraBwdDxParams {
+struct QloraBwdDxParams : NF4GemmParamsBase {
   const uint16_t* dy;      // [m, n] row-major
-  NF4View w;               // frozen weight [n, k]
-  const uint16_t* lora_A;  // [r, k] row-major, 16-byte aligned
-  const uint16_t* lora_B;  // [n, r] row-major
   uint16_t* dx;            // [m, k] out
   uint16_t* g;             // [m, r] out: s·dy·lora_B
-  int64_t m, n, k;
-  int r;
-  float scaling;           // s
-  DropoutParams dropout;   // the same mask forward applied to x, regenerated from (seed, row*k + col)
   bool dy_async;           // n % 8 == 0 and dy 16-byte aligned: dy rows can be cp.async'd
-  bool lora_B_async;       // r % 8 == 0 and lora_B 16-byte aligned
-  int stages;              // cp.async ring depth (2..4), chosen by the launcher
-  int wdec_buffers;        // decoded-W buffers: 2 (decode overlaps the MMAs) or 1 (small-smem fallback)
 };
 
 // Ring slot = [dy 128 x 64 | lora_B rows 64 x kRPad | packed W]; W tile = 64 rows (n) x 128 cols (k), stored
@@ -77,12 +67,7 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_bwd_dx_kernel(const __grid_
 
   Acc acc;
   float acc_g[kRPad / 8][4];
-#pragma unroll
-  for (int i = 0; i < kMmaM; ++i)
-#pragma unroll
-    for (int j = 0; j < kMmaN; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
-#pragma unroll
-  for (int j = 0; j < kRPad / 8; ++j) acc_g[j][0] = acc_g[j][1] = acc_g[j][2] = acc_g[j][3] = 0.f;
+  zero_accumulators(acc, acc_g);
 
   const int a_off = ldsm_a_offset(wm * kWarpM, lane, L::kStride);             // dy rows of the warp
   const int ag_off = ldsm_a_offset(wm * kWarpM + wn * 16, lane, L::kStride);  // the warp's 16 g rows
@@ -162,21 +147,11 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_bwd_dx_kernel(const __grid_
   }
 }
 
-// The only launch site of qlora_bwd_dx_kernel: rank bucket, dtype, ring depth, smem attribute, launch.
-void launch_qlora_bwd_dx(QloraBwdDxParams p, at::ScalarType dtype, cudaStream_t stream) {
-  const int64_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+// The only launch site of qlora_bwd_dx_kernel: one CTA per 128 x 128 tile of dx (k fastest).
+void launch_qlora_bwd_dx(const QloraBwdDxParams& p, at::ScalarType dtype, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(p.k, kBlockN)), static_cast<unsigned>(ceil_div(p.m, kBlockM)));
-  dispatch_rank(p.r, [&](auto rank_bucket) {
-    constexpr int kRPad = decltype(rank_bucket)::value;
-    const PipelineConfig cfg = pick_pipeline_for<DxTraits<kRPad>>("qlora_linear_backward", p.r, smem_limit);
-    p.stages = cfg.stages;
-    p.wdec_buffers = cfg.wdec_buffers;
-    const int smem = static_cast<int>(cfg.smem_bytes);
-    auto kernel =
-        dtype == at::kBFloat16 ? qlora_bwd_dx_kernel<__nv_bfloat16, kRPad> : qlora_bwd_dx_kernel<__half, kRPad>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<grid, kThreads, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_nf4_gemm<DxTraits>("qlora_linear_backward", p, dtype, grid, stream, [](auto elem, auto rank_bucket) {
+    return qlora_bwd_dx_kernel<decltype(elem), decltype(rank_bucket)::value>;
   });
 }
 
@@ -204,20 +179,11 @@ std::tuple<at::Tensor, at::Tensor> fused_bwd_dx(const at::Tensor& dy, const Opti
   const at::Tensor la = aligned16(lora_A.data_ptr()) ? lora_A : lora_A.clone();  // adapter sized
 
   QloraBwdDxParams p{};
+  fill_nf4_gemm_base(p, wt.view(), la, lora_B, m, n, k, r, scaling, dropout_p, seed);
   p.dy = reinterpret_cast<const uint16_t*>(dy.data_ptr());
-  p.w = wt.view();
-  p.lora_A = reinterpret_cast<const uint16_t*>(la.data_ptr());
-  p.lora_B = reinterpret_cast<const uint16_t*>(lora_B.data_ptr());
   p.dx = reinterpret_cast<uint16_t*>(dx.data_ptr());
   p.g = reinterpret_cast<uint16_t*>(g.data_ptr());
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.r = static_cast<int>(r);
-  p.scaling = static_cast<float>(scaling);
-  p.dropout = make_dropout(dropout_p, seed);
   p.dy_async = n % 8 == 0 && aligned16(dy.data_ptr());
-  p.lora_B_async = r % 8 == 0 && aligned16(lora_B.data_ptr());
   launch_qlora_bwd_dx(p, dy.scalar_type(), c10::cuda::getCurrentCUDAStream());
   return {dx, g};
 }

@@ -43,21 +43,11 @@ namespace qlora_ext {
 namespace {
 
 // The whole host → kernel contract. Element pointers are raw 16-bit patterns of x's dtype (bf16 or fp16).
-struct QloraFwdParams {
+struct QloraFwdParams : NF4GemmParamsBase {
   const uint16_t* x;       // [m, k] row-major, 16-byte aligned
-  NF4View w;               // frozen weight [n, k]: packed nibbles + block scales (common/nf4.cuh)
-  const uint16_t* lora_A;  // [r, k] row-major, 16-byte aligned
-  const uint16_t* lora_B;  // [n, r] row-major
   const uint16_t* bias;    // [n] or nullptr
   uint16_t* y;             // [m, n] out
   uint16_t* u;             // [m, r] out
-  int64_t m, n, k;
-  int r;
-  float scaling;           // s = lora_alpha / r (rsLoRA: / sqrt(r))
-  DropoutParams dropout;   // the mask applied to x in the u product
-  bool lora_B_async;       // r % 8 == 0 and lora_B 16-byte aligned: rows can be cp.async'd
-  int stages;              // cp.async ring depth (2..4), chosen by the launcher from the device's smem
-  int wdec_buffers;        // decoded-W buffers: 2 (decode overlaps the MMAs) or 1 (small-smem fallback)
 };
 
 // Ring slot = [x 128 x 64 | lora_A kRPad x 64 | packed W]; W tile = 128 rows (n) x 64 cols (k), stored [n][k].
@@ -82,12 +72,7 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_fwd_kernel(const __grid_con
 
   Acc acc;
   float acc_u[kRPad / 8][4];
-#pragma unroll
-  for (int i = 0; i < kMmaM; ++i)
-#pragma unroll
-    for (int j = 0; j < kMmaN; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
-#pragma unroll
-  for (int j = 0; j < kRPad / 8; ++j) acc_u[j][0] = acc_u[j][1] = acc_u[j][2] = acc_u[j][3] = 0.f;
+  zero_accumulators(acc, acc_u);
 
   // Lane offsets (bytes) of the ldmatrix addresses; per-step offsets are compile-time constants.
   const int a_off = ldsm_a_offset(wm * kWarpM, lane, L::kStride);             // x rows of the warp
@@ -188,20 +173,11 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_fwd_kernel(const __grid_con
   }
 }
 
-// The only launch site of qlora_fwd_kernel: rank bucket, dtype, ring depth, smem attribute, launch.
-void launch_qlora_fwd(QloraFwdParams p, at::ScalarType dtype, cudaStream_t stream) {
-  const int64_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+// The only launch site of qlora_fwd_kernel: one CTA per 128 x 128 tile of y (n fastest).
+void launch_qlora_fwd(const QloraFwdParams& p, at::ScalarType dtype, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(p.n, kBlockN)), static_cast<unsigned>(ceil_div(p.m, kBlockM)));
-  dispatch_rank(p.r, [&](auto rank_bucket) {
-    constexpr int kRPad = decltype(rank_bucket)::value;
-    const PipelineConfig cfg = pick_pipeline_for<FwdTraits<kRPad>>("qlora_linear", p.r, smem_limit);
-    p.stages = cfg.stages;
-    p.wdec_buffers = cfg.wdec_buffers;
-    const int smem = static_cast<int>(cfg.smem_bytes);
-    auto kernel = dtype == at::kBFloat16 ? qlora_fwd_kernel<__nv_bfloat16, kRPad> : qlora_fwd_kernel<__half, kRPad>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<grid, kThreads, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_nf4_gemm<FwdTraits>("qlora_linear", p, dtype, grid, stream, [](auto elem, auto rank_bucket) {
+    return qlora_fwd_kernel<decltype(elem), decltype(rank_bucket)::value>;
   });
 }
 
@@ -214,15 +190,7 @@ std::tuple<at::Tensor, at::Tensor> fused_fwd(const at::Tensor& x, const Optional
   constexpr const char* kOp = "qlora_linear";
   check_activation(kOp, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
-  check_2d(kOp, "lora_A", lora_A, "[r, k]");
-  check_2d(kOp, "lora_B", lora_B, "[n, r]");
-  const int64_t m = x.size(0), k = x.size(1), r = lora_A.size(0), n = lora_B.size(0);
-  check_fast_path_sizes(kOp, k, r);
-  check_matrix(kOp, "lora_A", lora_A, x.scalar_type(), "[r, k]", r, k, x.device());
-  check_matrix(kOp, "lora_B", lora_B, x.scalar_type(), "[n, r]", n, r, x.device());
-  const bool has_bias = check_bias(kOp, bias, n, x.scalar_type(), x.device());
-  const NF4Tensors wt = NF4Tensors::from_list(kOp, w, n, k, x.device());
-  check_dropout_p(kOp, dropout_p);
+  const auto [m, n, k, r, has_bias, wt] = check_forward_args(kOp, x, w, lora_A, lora_B, bias, dropout_p);
   check_gemm_limits(kOp, m, kBlockM, wt.w_nf4);
 
   at::Tensor y = at::empty({m, n}, x.options());
@@ -235,20 +203,11 @@ std::tuple<at::Tensor, at::Tensor> fused_fwd(const at::Tensor& x, const Optional
   const at::Tensor la = aligned16(lora_A.data_ptr()) ? lora_A : lora_A.clone();
 
   QloraFwdParams p{};
+  fill_nf4_gemm_base(p, wt.view(), la, lora_B, m, n, k, r, scaling, dropout_p, seed);
   p.x = reinterpret_cast<const uint16_t*>(xa.data_ptr());
-  p.w = wt.view();
-  p.lora_A = reinterpret_cast<const uint16_t*>(la.data_ptr());
-  p.lora_B = reinterpret_cast<const uint16_t*>(lora_B.data_ptr());
   p.bias = has_bias ? reinterpret_cast<const uint16_t*>(bias->data_ptr()) : nullptr;
   p.y = reinterpret_cast<uint16_t*>(y.data_ptr());
   p.u = reinterpret_cast<uint16_t*>(u.data_ptr());
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.r = static_cast<int>(r);
-  p.scaling = static_cast<float>(scaling);
-  p.dropout = make_dropout(dropout_p, seed);
-  p.lora_B_async = r % 8 == 0 && aligned16(lora_B.data_ptr());
   launch_qlora_fwd(p, x.scalar_type(), c10::cuda::getCurrentCUDAStream());
   return {y, u};
 }

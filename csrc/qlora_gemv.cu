@@ -951,18 +951,9 @@ std::tuple<at::Tensor, at::Tensor> gemv_fwd(const at::Tensor& x, const OptionalT
   check_activation(kOp, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Device device = x.device();
-  const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(m >= 1 && m <= kMaxM, kOp, ": m (rows of x) must satisfy 1 <= m <= ", kMaxM,
-              " on the decode path, got m = ", m);
-  check_2d(kOp, "lora_A", lora_A, "[r, k]");
-  check_2d(kOp, "lora_B", lora_B, "[n, r]");
-  const int64_t r = lora_A.size(0), n = lora_B.size(0);
-  check_fast_path_sizes(kOp, k, r);
-  const NF4Tensors wt = NF4Tensors::from_list(kOp, w, n, k, device);
-  check_matrix(kOp, "lora_A", lora_A, x.scalar_type(), "[r, k]", r, k, device);
-  check_matrix(kOp, "lora_B", lora_B, x.scalar_type(), "[n, r]", n, r, device);
-  const bool has_bias = check_bias(kOp, bias, n, x.scalar_type(), device);
-  check_dropout_p(kOp, dropout_p);
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxM, kOp, ": m (rows of x) must satisfy 1 <= m <= ", kMaxM,
+              " on the decode path, got m = ", x.size(0));
+  const auto [m, n, k, r, has_bias, wt] = check_forward_args(kOp, x, w, lora_A, lora_B, bias, dropout_p);
   TORCH_CHECK(n * k / 2 < (int64_t(1) << 62) && n < (int64_t(1) << 31) - 16, kOp, ": weight too large");
   const bool dq = wt.double_quant;
 

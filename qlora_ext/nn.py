@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.qlora_ext.*)
+from .backends import cuda
 from .nf4 import NF4Storage, NF4Weight, quantize_nf4
 
 __all__ = ["QLoRALinear"]
@@ -30,7 +31,16 @@ class QLoRALinear(nn.Module):
     """Linear layer with a frozen NF4 base and a LoRA adapter, forward and backward through fused kernels.
 
     It computes in the input's dtype, or under autocast, like nn.Linear, in the autocast dtype (the adapters are
-    cast to it and stay in their own dtype as parameters)."""
+    cast to it and stay in their own dtype as parameters).
+
+    Eager CUDA calls inside the kernels' contract go through one C++ op, torch.ops.qlora_ext._linear, whose
+    backward is a C++ autograd node (csrc/qlora_autograd.cpp): the layer is host-bound at small m, and this keeps
+    Python out of the backward. Every other call (CPU, torch.compile, calls the kernels do not serve) goes through
+    the custom op torch.ops.qlora_ext.qlora_linear; both run the same kernels and give the same bits."""
+
+    # False sends eager CUDA calls through the custom op as well (to compare the two routes, e.g.
+    # scripts/profile_layer.py); a class attribute, so it can be set per layer or for all of them.
+    eager_fast_path: bool = True
 
     def __init__(self, weight_nf4: NF4Weight, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
                  use_rslora: bool = False, bias: Optional[Tensor] = None, init: str = "kaiming",
@@ -137,11 +147,22 @@ class QLoRALinear(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
         x2 = x.reshape(-1, self.in_features).to(dtype)
         p = self.lora_dropout if self.training else 0.0
+        lora_A, lora_B = self.lora_A.to(dtype), self.lora_B.to(dtype)
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        # The eager route is a C++ op without fake kernels: compiled graphs keep the custom op.
+        if self.eager_fast_path and x2.is_cuda and not torch.compiler.is_compiling():
+            path_ids = cuda.eager_path_ids(x2, lora_A, self.base.blocksize, self.out_features)
+            if path_ids is not None:
+                # One call into C++, whose autograd node runs the whole backward there. The seed is drawn as the
+                # custom op's below is, so torch.manual_seed gives both routes the same dropout masks. Autocast
+                # needs no region here: the op computes in its inputs' dtypes (it excludes autocast inside).
+                seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if p > 0 else 0
+                y = torch.ops.qlora_ext._linear(x2, self.base.op_args(), lora_A, lora_B, bias, self.scaling, p,
+                                                seed, *path_ids)
+                return y.reshape(*lead, self.out_features)
         # A fresh dropout seed per call; drawn as a tensor so a compiled graph keeps drawing new ones.
         seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else self._zero_seed()
-        bias = self.bias.to(dtype) if self.bias is not None else None
-        args = (x2, *self.base.op_args(), self.lora_A.to(dtype), self.lora_B.to(dtype), bias, self.scaling, p,
-                seed, self.base.blocksize)
+        args = (x2, *self.base.op_args(), lora_A, lora_B, bias, self.scaling, p, seed, self.base.blocksize)
         if autocast:
             # The inputs are cast already. Autocast must not reach inside the op: its reference implementation
             # computes in fp32 on purpose (the spec the kernels match), and autocast would run those matmuls in

@@ -1,11 +1,13 @@
 """Which CUDA implementation serves a ``qlora_linear`` call: one measured table, looked up once per key.
 
 The implementations themselves live in ``qlora_ext/backends/cuda.py`` (a registry keyed by the names in
-``PATHS``); this module only decides. The decision is a pure function of (compute capability, dtype, shape class,
-m) and of the direction (forward / backward), read from ``policy_table.json`` next to this file. That table is
-written by ``python -m bench.policy <sweep.json>`` from a ``pytest bench/`` run and names the run it came from, so
-every choice it makes can be traced to a measurement. ``QLORA_EXT_PATH=<name>`` (or ``override(name)``) forces one
-implementation, for tests, sanitizers and benchmarks; it is an override, not part of the policy.
+``PATHS``) and, for the layer's eager calls, in the path table of ``csrc/qlora_autograd.cpp``, which takes a path as
+its index in ``PATHS`` (``path_ids``); this module only decides. The decision is a pure function of (compute
+capability, dtype, shape class, m) and of the direction (forward / backward), read from ``policy_table.json`` next
+to this file. That table is written by ``python -m bench.policy <sweep.json>`` from a ``pytest bench/`` run and
+names the run it came from, so every choice it makes can be traced to a measurement. ``QLORA_EXT_PATH=<name>`` (or
+``override(name)``) forces one implementation, for tests, sanitizers and benchmarks; it is an override, not part of
+the policy.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from typing import Iterator, Optional
 
 import torch
 
-# The CUDA implementations of the GEMM ops (the one place their names are defined):
+# The CUDA implementations of the GEMM ops (the one place their names are defined; the C++ path table of
+# csrc/qlora_autograd.cpp lists them in this order, and qlora_ext/backends/cuda.py checks that at import):
 #   fused        portable mma.sync kernels (sm80+): NF4 decoded in the GEMM mainloop, forward in one launch,
 #                backward in two (dx + g; dA + dB). No dequantized weight anywhere.
 #   decode_gemm  the whole NF4 weight decoded in one launch into a workspace shared by all layers, then one
@@ -118,12 +121,32 @@ def override(path: str) -> Iterator[None]:
 
 def choose(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int, forward: bool) -> str:
     """The implementation that serves one call of the forward (forward=True) or backward op."""
-    forced = forced_path()
+    return _choose(forced_path(), device.index, dtype, m, n, k, forward)
+
+
+def path_ids(device_index: int, dtype: torch.dtype, m: int, n: int, k: int) -> tuple[int, int]:
+    """(forward, backward) implementation of one call as indices into PATHS, the path ids of
+    torch.ops.qlora_ext._linear: both are chosen when the forward runs (m is known then). Cached per key, so that
+    the per-call cost is one dictionary lookup; override() and QLORA_EXT_PATH still apply (they are part of the
+    key)."""
+    return _path_ids(forced_path(), device_index, dtype, m, n, k)
+
+
+@functools.lru_cache(maxsize=4096)
+def _path_ids(forced: Optional[str], device_index: int, dtype: torch.dtype, m: int, n: int,
+              k: int) -> tuple[int, int]:
+    return (PATHS.index(_choose(forced, device_index, dtype, m, n, k, forward=True)),
+            PATHS.index(_choose(forced, device_index, dtype, m, n, k, forward=False)))
+
+
+def _choose(forced: Optional[str], device_index: Optional[int], dtype: torch.dtype, m: int, n: int, k: int,
+            forward: bool) -> str:
     if forced is not None:
         # A forced path that cannot serve this call (gemv outside its m range, or a backward) falls back to
         # the portable kernels rather than failing: forcing gemv must still let a training step run.
         return forced if supports(forced, m, forward) else "fused"
-    fwd, bwd = _lookup(_device_cc(device.index if device.index is not None else torch.cuda.current_device()),
-                       str(dtype).removeprefix("torch."), shape_class(n, k), m)
+    if device_index is None:  # torch.device("cuda"): the current device
+        device_index = torch.cuda.current_device()
+    fwd, bwd = _lookup(_device_cc(device_index), str(dtype).removeprefix("torch."), shape_class(n, k), m)
     path = fwd if forward else bwd
     return path if supports(path, m, forward) else "fused"

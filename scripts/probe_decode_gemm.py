@@ -1,5 +1,5 @@
 """How to add the LoRA term to a cuBLAS GEMM, and what the whole-weight decode costs: the measurements behind
-qlora_ext/backends/decode_gemm.py (one GPU, bf16, r = 16; triton's do_bench median with an L2 flush).
+csrc/decode_gemm.cpp (one GPU, bf16, r = 16; triton's do_bench median with an L2 flush).
 
 Forward variants (all include u = x·Aᵀ):
   after  y = x·Wᵀ, then y.addmm_(u, Bᵀ, alpha=s)          (the LoRA product re-reads and re-writes y)

@@ -174,13 +174,36 @@ _setup_install() {
   _done
 }
 
+# The CUTLASS/CuTe headers of the sm_90a units (csrc/*_sm90.cu): the nvidia-cutlass wheel, pinned, installed when the
+# kernels are built with nvcc and CUTLASS_DIR names no checkout. Only its headers are used (setup.py finds
+# cutlass_library/source/include without importing the package), hence --no-deps: none of its Python dependencies
+# (cuda-python, scipy, ...) is needed. Its own step before the build, not an extra: pip would build the extension first.
+QLORA_CUTLASS_PIN="nvidia-cutlass==4.2.0.0"
+_cutlass_version() { _py -c "import importlib.metadata as m; print(m.version('nvidia-cutlass'))" 2>/dev/null; }
+_setup_cutlass() {
+  local key installed log=$QLORA_LOGS/cutlass.log
+  if [ "${QLORA_EXT_SKIP_CUDA:-0}" = 1 ] || [ -z "$QLORA_TOOLKIT" ] || [ -n "${CUTLASS_DIR:-}" ]; then return 0; fi
+  _py -c 'import sys, torch; sys.exit(torch.version.cuda is None)' 2>/dev/null || return 0  # CPU torch: no nvcc build
+  key="$QLORA_CUTLASS_PIN | constraints $(_constraints_sha)"
+  installed=$(_cutlass_version || true)
+  if [ "$installed" = "${QLORA_CUTLASS_PIN##*==}" ] && _stamp_ok cutlass "$key"; then
+    _skip cutlass "nvidia-cutlass $installed (headers only)"; return 0
+  fi
+  rm -f "$QLORA_STAMPS/cutlass"
+  _step cutlass "pip install --no-deps $QLORA_CUTLASS_PIN (CUTLASS/CuTe headers of the sm_90a units)"
+  _run "$log" _pip install --no-deps "$QLORA_CUTLASS_PIN" \
+    || _fail "$log" "pip could not install $QLORA_CUTLASS_PIN; check the network / pip's index settings, or set CUTLASS_DIR to a CUTLASS 4.2 checkout"
+  _stamp_write cutlass "$key"
+  _done "nvidia-cutlass $(_cutlass_version)"
+}
+
 # Everything the build reads, plus the build's settings: a change in any of them means a rebuild.
 _build_key() {
   {
     (cd "$QLORA_ROOT" && find csrc -type f ! -name "*.md" | LC_ALL=C sort | xargs sha256sum && sha256sum setup.py)
     echo "root $QLORA_ROOT | torch $(_torch_version) | toolkit ${QLORA_TOOLKIT:-none} ${QLORA_TOOLKIT_VERSION:-}"
     echo "arch ${TORCH_CUDA_ARCH_LIST-<default>} | gpus $(_gpu_list | tr '\n' ';') | skip ${QLORA_EXT_SKIP_CUDA:-0}"
-    echo "cutlass ${CUTLASS_DIR:-}"
+    echo "cutlass ${CUTLASS_DIR:-} | nvidia-cutlass $(_cutlass_version || true)"
   } | _sha
 }
 _so_path() { _py -c "import sysconfig; print('$QLORA_ROOT/qlora_ext/_C' + sysconfig.get_config_var('EXT_SUFFIX'))"; }
@@ -301,6 +324,7 @@ qlora_setup() {
   _setup_torch
   _setup_extra "$extra"  # before the build's check: importing qlora_ext needs its dependencies
   _setup_install
+  _setup_cutlass  # before the build: the sm_90a units include CUTLASS
   _setup_build
   [ -z "${QLORA_TOOLKIT}" ] || export CUDA_HOME=$QLORA_TOOLKIT
   export VIRTUAL_ENV=$VENV PATH=$VENV/bin:$PATH

@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -28,6 +29,18 @@ template <typename F>
 void dispatch_half(at::ScalarType dtype, F&& f) {
   if (dtype == at::kBFloat16) f(__nv_bfloat16{});
   else f(__half{});
+}
+
+// Any float storage type (fp32, fp16, bf16; the NF4 quantize input and dequantize output): f receives a value of
+// the element type as a tag; any other dtype raises, naming `what` (e.g. "quantize_nf4: w").
+template <typename F>
+void dispatch_float(at::ScalarType dtype, const char* what, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(__half{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, what, " must be float32, float16 or bfloat16, got ", dtype);
+  }
 }
 
 }  // namespace qlora_ext

@@ -41,6 +41,21 @@ static_assert(kPackedStageBytes == kThreads * 16, "one 16-byte packed chunk per 
 
 using Acc = float[kMmaM][kMmaN][4];    // per-warp accumulator tile, mma D-fragment order
 
+// The part of the forward and dx kernels' Params they share (each kernel's Params derives from it and adds its
+// activations and outputs): the frozen weight, the adapters, the sizes and the pipeline the launcher picked.
+struct NF4GemmParamsBase {
+  NF4View w;               // frozen weight [n, k]: packed nibbles + block scales (common/nf4.cuh)
+  const uint16_t* lora_A;  // [r, k] row-major, 16-byte aligned
+  const uint16_t* lora_B;  // [n, r] row-major
+  int64_t m, n, k;
+  int r;
+  float scaling;           // s = lora_alpha / r (rsLoRA: / sqrt(r))
+  DropoutParams dropout;   // the mask on x: applied to x in the forward, regenerated from (seed, row*k + col) in dx
+  bool lora_B_async;       // r % 8 == 0 and lora_B 16-byte aligned: rows can be cp.async'd
+  int stages;              // cp.async ring depth (2..4), chosen by the launcher from the device's smem
+  int wdec_buffers;        // decoded-W buffers: 2 (decode overlaps the MMAs) or 1 (small-smem fallback)
+};
+
 // ---- ldmatrix lane addressing (byte offsets into a padded row-major tile of 2-byte elements) ---------------
 // A operand, m16 x k16 at (row0, 0): lanes 0-15 point at rows 0-15 col 0, lanes 16-31 at rows 0-15 col 8,
 // so registers 0..3 are (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
@@ -91,18 +106,36 @@ __device__ __forceinline__ void warp_mma_k16(Acc& acc, uint32_t a_base, uint32_t
       mma_m16n8k16<T>(acc[i][j], a[i], b[j >> 1][(j & 1) * 2], b[j >> 1][(j & 1) * 2 + 1]);
 }
 
-// Rank-wide product of one m16 A fragment: acc_r[jn] += a · B[k16 step kk][8 jn .. 8 jn + 7] for all kRPad/8
-// n8 tiles. This is the LoRA shrink (u, g) riding on A fragments the main GEMM already staged.
+// Zero the warp's base-GEMM accumulator and its rank-wide LoRA accumulator (u or g) before the mainloop.
+template <int kN8>
+__device__ __forceinline__ void zero_accumulators(Acc& acc, float (&acc_r)[kN8][4]) {
+#pragma unroll
+  for (int i = 0; i < kMmaM; ++i)
+#pragma unroll
+    for (int j = 0; j < kMmaN; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+#pragma unroll
+  for (int j = 0; j < kN8; ++j) acc_r[j][0] = acc_r[j][1] = acc_r[j][2] = acc_r[j][3] = 0.f;
+}
+
+// One m16 A fragment against kN8 n8 tiles of B: acc[jn] += a · B[k16 step kk][8 jn .. 8 jn + 7].
+template <typename T, BLayout kB, int kN8, int kBStride>
+__device__ __forceinline__ void warp_mma_a_k16(float (&acc)[kN8][4], const uint32_t (&a)[4], uint32_t b_base,
+                                               int kk) {
+#pragma unroll
+  for (int jp = 0; jp < kN8 / 2; ++jp) {
+    uint32_t b[4];
+    ldsm_b<kB>(b, b_base + b_step<kB, kBStride>(kk, jp));
+    mma_m16n8k16<T>(acc[2 * jp], a, b[0], b[1]);
+    mma_m16n8k16<T>(acc[2 * jp + 1], a, b[2], b[3]);
+  }
+}
+
+// Rank-wide product of one m16 A fragment over all kRPad/8 n8 tiles: the LoRA shrink (u, g) riding on A fragments
+// the main GEMM already staged.
 template <typename T, BLayout kB, int kRPad, int kBStride>
 __device__ __forceinline__ void warp_mma_rank_k16(float (&acc_r)[kRPad / 8][4], const uint32_t (&a)[4],
                                                   uint32_t b_base, int kk) {
-#pragma unroll
-  for (int jp = 0; jp < kRPad / 16; ++jp) {
-    uint32_t b[4];
-    ldsm_b<kB>(b, b_base + b_step<kB, kBStride>(kk, jp));
-    mma_m16n8k16<T>(acc_r[2 * jp], a, b[0], b[1]);
-    mma_m16n8k16<T>(acc_r[2 * jp + 1], a, b[2], b[3]);
-  }
+  warp_mma_a_k16<T, kB, kRPad / 8, kBStride>(acc_r, a, b_base, kk);
 }
 
 // LoRA expand for one m16 tile i of the warp: out[j] = L[16 rows][kRPad] · R[kRPad][8j..8j+7] over the
@@ -117,13 +150,7 @@ __device__ __forceinline__ void warp_lora_expand(float (&out)[kMmaN][4], uint32_
   for (int kk = 0; kk < kRPad / 16; ++kk) {
     uint32_t a[4];
     ldsm_x4(a, a_base + (i * 16 * kAStride + kk * 16) * 2);
-#pragma unroll
-    for (int jp = 0; jp < kMmaN / 2; ++jp) {
-      uint32_t b[4];
-      ldsm_b<kB>(b, b_base + b_step<kB, kBStride>(kk, jp));
-      mma_m16n8k16<T>(out[2 * jp], a, b[0], b[1]);
-      mma_m16n8k16<T>(out[2 * jp + 1], a, b[2], b[3]);
-    }
+    warp_mma_a_k16<T, kB, kMmaN, kBStride>(out, a, b_base, kk);
   }
 }
 
@@ -412,7 +439,12 @@ struct NF4Mainloop {
 #if !defined(__CUDACC_RTC__)
 #include <algorithm>
 
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
+
+#include "common/dispatch.h"
 
 namespace qlora_ext {
 
@@ -445,6 +477,42 @@ PipelineConfig pick_pipeline_for(const char* op, int r, int64_t smem_limit) {
   TORCH_CHECK(cfg.stages >= 2, op, ": rank r = ", r, " needs ", cfg.smem_bytes,
               " bytes of shared memory per block, this device allows ", smem_limit);
   return cfg;
+}
+
+// The shared Params fields from the checked arguments (stages / wdec_buffers are the launcher's). lora_A must be
+// 16-byte aligned (the caller passes an aligned copy when it is not).
+inline void fill_nf4_gemm_base(NF4GemmParamsBase& p, const NF4View& w, const at::Tensor& lora_A,
+                               const at::Tensor& lora_B, int64_t m, int64_t n, int64_t k, int64_t r, double scaling,
+                               double dropout_p, int64_t seed) {
+  p.w = w;
+  p.lora_A = reinterpret_cast<const uint16_t*>(lora_A.data_ptr());
+  p.lora_B = reinterpret_cast<const uint16_t*>(lora_B.data_ptr());
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.r = static_cast<int>(r);
+  p.scaling = static_cast<float>(scaling);
+  p.dropout = make_dropout(dropout_p, seed);
+  p.lora_B_async = r % 8 == 0 && (reinterpret_cast<uintptr_t>(lora_B.data_ptr()) & 15u) == 0;
+}
+
+// The launch of an NF4-mainloop kernel (forward and dx alike): rank bucket, ring depth for this device, smem
+// attribute, launch on `stream`. Traits<kRPad> are the kernel's tile traits; kernel_for(T{}, rank_bucket) names its
+// instantiation for activation type T (bf16 or fp16 by `dtype`). Params carries r, stages and wdec_buffers.
+template <template <int> class Traits, class Params, class KernelFor>
+void launch_nf4_gemm(const char* op, Params p, at::ScalarType dtype, dim3 grid, cudaStream_t stream,
+                     KernelFor kernel_for) {
+  const int64_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  dispatch_rank(p.r, [&](auto rank_bucket) {
+    const PipelineConfig cfg = pick_pipeline_for<Traits<decltype(rank_bucket)::value>>(op, p.r, smem_limit);
+    p.stages = cfg.stages;
+    p.wdec_buffers = cfg.wdec_buffers;
+    const int smem = static_cast<int>(cfg.smem_bytes);
+    auto kernel = dtype == at::kBFloat16 ? kernel_for(__nv_bfloat16{}, rank_bucket) : kernel_for(__half{}, rank_bucket);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid, kThreads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace qlora_ext

@@ -132,4 +132,28 @@ struct NF4Tensors {
   }
 };
 
+// The argument checks every forward op shares, after check_activation(op, "x", x) and the device guard: lora_A
+// [r, k] and lora_B [n, r] in x's dtype on x's device, the kernels' k / r contract, bias [n], the NF4 bundle of
+// w [n, k], dropout p. Returns the sizes and the checked storage.
+struct ForwardArgs {
+  int64_t m, n, k, r;
+  bool has_bias;
+  NF4Tensors w;
+};
+
+inline ForwardArgs check_forward_args(const char* op, const at::Tensor& x, const OptionalTensorList& w,
+                                      const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                      const std::optional<at::Tensor>& bias, double dropout_p) {
+  check_2d(op, "lora_A", lora_A, "[r, k]");
+  check_2d(op, "lora_B", lora_B, "[n, r]");
+  const int64_t m = x.size(0), k = x.size(1), r = lora_A.size(0), n = lora_B.size(0);
+  check_fast_path_sizes(op, k, r);
+  check_matrix(op, "lora_A", lora_A, x.scalar_type(), "[r, k]", r, k, x.device());
+  check_matrix(op, "lora_B", lora_B, x.scalar_type(), "[n, r]", n, r, x.device());
+  const bool has_bias = check_bias(op, bias, n, x.scalar_type(), x.device());
+  NF4Tensors storage = NF4Tensors::from_list(op, w, n, k, x.device());
+  check_dropout_p(op, dropout_p);
+  return {m, n, k, r, has_bias, std::move(storage)};
+}
+
 }  // namespace qlora_ext

@@ -1,31 +1,50 @@
-"""CUDA implementations of the qlora_ext ops: the compiled kernels, the decode + cuBLAS path, and the registry
-of GEMM paths that ``qlora_ext/policy.py`` chooses from.
+"""CUDA implementations of the qlora_ext ops: the compiled kernels, the registry of GEMM paths that
+``qlora_ext/policy.py`` chooses from, and the contract check of QLoRALinear's eager fast path.
 
 The compiled kernels are torch ops of their own (``torch.ops.qlora_ext._fused_fwd`` etc.; schemas in
 ``csrc/ops.cpp``, each registered by its kernel file), loaded by importing ``qlora_ext._C``. They take the NF4
-storage as one list ``[w_nf4, absmax, code, nested_absmax, nested_code, offset]``. Calls outside the kernels'
-contract (fp32 activations, k % 64 != 0, blocksize != 64, r > 128) run the reference twin, with one warning
-naming the reason; ``QLORA_EXT_FORCE_REFERENCE=1`` routes every CUDA call to the reference.
+storage as one list ``[w_nf4, absmax, code, nested_absmax, nested_code, offset]``. Each GEMM path is a forward op
+and, unless it is forward-only, a backward op, with one signature per direction (``csrc/path_ops.h``); the decode +
+cuBLAS path is host C++ as well (``csrc/decode_gemm.cpp``). The custom ops registered here and the layer's eager op
+``_linear`` (``csrc/qlora_autograd.cpp``) call the same path ops: one implementation per path. Calls outside the
+kernels' contract (fp32 activations, k % 64 != 0, blocksize != 64, r > 128) run the reference twin, with one
+warning naming the reason; ``QLORA_EXT_FORCE_REFERENCE=1`` routes every CUDA call to the reference.
 """
 from __future__ import annotations
 
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import ops, policy, reference
-from . import decode_gemm
+
+kernels = torch.ops.qlora_ext
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.qlora_ext._fused_fwd & co.)
 except ImportError:
     _C = None
 
-kernels = torch.ops.qlora_ext
+
+def check_path_names(cpp_names: Sequence[str]) -> None:
+    """The path table of csrc/qlora_autograd.cpp (``torch.ops.qlora_ext._path_names()``) must list policy.PATHS in
+    the same order: the layer passes a path to ``_linear`` as its index there."""
+    if tuple(cpp_names) != policy.PATHS:
+        raise RuntimeError(f"qlora_ext: the C++ path table (csrc/qlora_autograd.cpp) names {tuple(cpp_names)}, "
+                           f"qlora_ext.policy.PATHS names {policy.PATHS}; list the same paths in the same order")
+
+
+if _C is not None:
+    if hasattr(kernels, "_path_names"):
+        check_path_names(kernels._path_names())
+    else:  # a library built from an older source: its ops are not the ones this Python code calls
+        warnings.warn("qlora_ext._C was built from an older source (it has no torch.ops.qlora_ext._path_names): "
+                      "rebuild it (see README, 'Install'); until then CUDA tensors run the PyTorch reference.")
+        _C = None
 
 # The kernels' contract (csrc/common/checks.h enforces the same limits).
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -79,36 +98,32 @@ def _gemm_fast_path(x: Tensor, lora_A: Tensor, blocksize: int) -> bool:
     return True
 
 
+def eager_path_ids(x: Tensor, lora_A: Tensor, blocksize: int, n: int) -> Optional[tuple[int, int]]:
+    """(forward, backward) path ids for ``torch.ops.qlora_ext._linear`` when this CUDA call is inside the kernels'
+    contract; None otherwise (the call then goes through the custom op, which runs the reference; the reason is
+    warned once). x is the [m, k] activation in the compute dtype."""
+    if not _gemm_fast_path(x, lora_A, blocksize):
+        return None
+    m, k = x.shape
+    return policy.path_ids(x.device.index, x.dtype, m, n, k)
+
+
 # --------------------------------------------------------------------------------------------------------------
-# The GEMM paths. Each forward takes (x, w, lora_A, lora_B, bias, scaling, dropout_p, seed) and returns (y, u);
-# each backward takes (dy, x, u, w, lora_A, lora_B, scaling, dropout_p, seed) and returns (dx, dA, dB). x, dy, u
-# arrive contiguous; w is the NF4 storage list; seed is a Python int.
+# The GEMM paths, by op name under torch.ops.qlora_ext (the ops exist only once _C is loaded). Each forward op
+# takes (x, w, lora_A, lora_B, bias, scaling, dropout_p, seed) and returns (y, u); each backward op takes
+# (dy, x, u, w, lora_A, lora_B, scaling, dropout_p, seed) and returns (dx, dA, dB). x, dy, u, lora_A, lora_B must
+# be contiguous; w is the NF4 storage list; seed is a Python int.
 # --------------------------------------------------------------------------------------------------------------
-def _fused_forward(x, w, lora_A, lora_B, bias, scaling, dropout_p, seed):
-    return kernels._fused_fwd(x, w, lora_A.contiguous(), lora_B.contiguous(), bias, scaling, dropout_p, seed)
-
-
-def _gemv_forward(x, w, lora_A, lora_B, bias, scaling, dropout_p, seed):
-    return kernels._gemv_fwd(x, w, lora_A.contiguous(), lora_B.contiguous(), bias, scaling, dropout_p, seed)
-
-
-def _fused_backward(dy, x, u, w, lora_A, lora_B, scaling, dropout_p, seed):
-    # Two launches: dx and g = s·dy·lora_B from one kernel, then dA and dB from one kernel.
-    dx, g = kernels._fused_bwd_dx(dy, w, lora_A.contiguous(), lora_B.contiguous(), scaling, dropout_p, seed)
-    dA, dB = kernels._bwd_ab(dy, x, u, g, scaling, dropout_p, seed)
-    return dx, dA, dB
-
-
 @dataclass(frozen=True)
 class Impl:
-    forward: Callable
-    backward: Optional[Callable]  # None: forward-only (its backward runs "fused")
+    forward: str
+    backward: Optional[str]  # None: forward-only (its backward runs "fused")
 
 
 IMPLS = {
-    "fused": Impl(_fused_forward, _fused_backward),
-    "decode_gemm": Impl(decode_gemm.forward, decode_gemm.backward),
-    "gemv": Impl(_gemv_forward, None),
+    "fused": Impl("_fused_fwd", "_fused_bwd"),
+    "decode_gemm": Impl("_decode_gemm_fwd", "_decode_gemm_bwd"),
+    "gemv": Impl("_gemv_fwd", None),
 }
 assert tuple(IMPLS) == policy.PATHS, "policy.PATHS and the registry must name the same implementations"
 
@@ -145,7 +160,8 @@ def _(x, w_nf4, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B
         (m, k), n = x.shape, lora_B.shape[0]
         path = policy.choose(x.device, x.dtype, m, n, k, forward=True)
         w = [w_nf4, absmax, code, nested_absmax, nested_code, offset]
-        return IMPLS[path].forward(x.contiguous(), w, lora_A, lora_B, bias, scaling, dropout_p, ops.seed_int(seed))
+        return getattr(kernels, IMPLS[path].forward)(x.contiguous(), w, lora_A.contiguous(), lora_B.contiguous(),
+                                                     bias, scaling, dropout_p, ops.seed_int(seed))
 
 
 @ops.qlora_linear_backward.register_kernel("cuda")
@@ -159,5 +175,6 @@ def _(dy, x, u, w_nf4, absmax, code, nested_absmax, nested_code, offset, lora_A,
         (m, k), n = x.shape, lora_B.shape[0]
         path = policy.choose(x.device, x.dtype, m, n, k, forward=False)
         w = [w_nf4, absmax, code, nested_absmax, nested_code, offset]
-        return IMPLS[path].backward(dy.contiguous(), x.contiguous(), u.contiguous(), w, lora_A, lora_B, scaling,
-                                    dropout_p, ops.seed_int(seed))
+        return getattr(kernels, IMPLS[path].backward)(dy.contiguous(), x.contiguous(), u.contiguous(), w,
+                                                      lora_A.contiguous(), lora_B.contiguous(), scaling, dropout_p,
+                                                      ops.seed_int(seed))

@@ -1,0 +1,47 @@
+// Host side of the GEMM paths (qlora_ext.policy.PATHS): the two C++ signatures every path's ops share, so that one
+// typed dispatcher handle type calls any path (csrc/qlora_autograd.cpp), and the scope their host code runs in.
+//   forward op  (x, w, lora_A, lora_B, bias, scaling, dropout_p, seed) -> (y [m, n], u [m, r])   = _fused_fwd
+//   backward op (dy, x, u, w, lora_A, lora_B, scaling, dropout_p, seed) -> (dx, dA, dB)
+// x, dy, u, lora_A, lora_B arrive contiguous. A path's CUDA kernel must be registered with exactly these C++
+// types (const references, double, int64_t): the dispatcher's typed handles compare them when looked up.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+namespace qlora_ext {
+
+using OptionalTensorList = c10::List<std::optional<at::Tensor>>;  // C++ type of a `Tensor?[]` argument
+
+using PathFwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& x, const OptionalTensorList& w,
+                                                     const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                     const std::optional<at::Tensor>& bias, double scaling,
+                                                     double dropout_p, int64_t seed);
+using PathBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor& dy, const at::Tensor& x,
+                                                                 const at::Tensor& u, const OptionalTensorList& w,
+                                                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                                 double scaling, double dropout_p, int64_t seed);
+
+// A qlora_ext op by its schema name, looked up once by the caller (keep the handle in a static): going through
+// the dispatcher rather than linking to the kernel file's symbol lets a build leave that file out.
+template <class Fn>
+c10::TypedOperatorHandle<Fn> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+// The scope of host code that composes ops: below autograd (its results are kernel outputs, never differentiated
+// through, so nested ops skip the autograd layer and record no graph) and without autocast (the ops compute in
+// their inputs' dtypes by contract, also when a backward runs inside an autocast region).
+struct KernelScope {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autograd_dispatch_keyset_with_ADInplaceOrView |
+                                           c10::autocast_dispatch_keyset};
+};
+
+}  // namespace qlora_ext

@@ -1,0 +1,415 @@
+// QLoRA forward for Hopper (sm_90a), version 1: the frozen NF4 product on CUTLASS 4.2's warp-specialized
+// TMA + RS-wgmma mixed-input GEMM, the LoRA products on cuBLAS.
+//   u = dropout(x)·lora_Aᵀ              [m, r]  cuBLAS (with dropout: the _lora_dropout kernel's mask first)
+//   y = s·u·lora_Bᵀ + bias              [m, n]  cuBLAS, written first
+//   y += x·wᵀ                                   the NF4 GEMM below: y is its C operand (beta = 1) and its D
+// In place (C = D = y) is safe: every output tile is owned by one CTA, whose epilogue reads a C subtile before it
+// computes and stores the D subtile at the same addresses; no split-k / stream-k partial ever re-reads C.
+// Twin (the spec): qlora_ext.reference.qlora_linear. Floors (scripts/probe_sm90.py times all three): cuBLAS bf16 x·wᵀ on
+// the dequantized weight (what the NF4 GEMM alone should match) and the decode + cuBLAS forward (_decode_gemm_fwd,
+// csrc/decode_gemm.cpp: 90-99 % of cuBLAS from m = 2048; what this path has to beat).
+//
+// The NF4 GEMM runs transposed, yᵀ[n, m] = w[n, k]·x[m, k]ᵀ (problem M' = n, N' = m, K = k): the mixed-input collective
+// converts only its A operand in registers and wants it K-major, which w is, and the epilogue's column-major D' is y
+// row-major. Per k-tile of 64 (= one NF4 block, so one scale per row of w): TMA brings the packed w tile, the x tile
+// (multicast to both CTAs of a 2x1 cluster, which share the same m rows) and one row of the scale tensor; the two
+// consumer warpgroups decode w in registers (common/nf4_sm90.cuh: prmt table lookup, then the 16-bit scale multiply
+// CUTLASS does for ConvertAndScale) one wgmma k-block ahead of the RS wgmmas that use it.
+//
+// Variants (tests/test_sm90.py checks every one, scripts/probe_sm90.py times them against each other):
+//   tile    128(n) x 256(m) x 64 or 128 x 128 x 64, both cluster 2x1, KernelTmaWarpSpecializedCooperative (2 consumer
+//           warpgroups of 64 n-rows each), persistent tile scheduler. pick_tile() chooses; QLORA_EXT_SM90_TILE
+//           overrides. 128x256 halves the decode work per MMA (nf4_probe.cu: it stays within 3 % of uniform int4 there,
+//           128x128 loses 9-20 %), 128x128 keeps more SMs busy when 128x256 tiles do not fill the GPU.
+//   weights QLORA_EXT_SM90_WLAYOUT=stored (default): TMA reads bnb's bytes as they are, K-major [n][k/2]. A thread's
+//           8 values of one wgmma k-block then sit in 4 separate bytes of shared memory (rows g, g+8 x k-pairs 2t,
+//           2t+8), so CUTLASS's copy does 4 one-byte loads per 8 values. =repacked: a per-call kernel moves the bytes
+//           (never splitting one) into CUTLASS's fragment order (nf4_fragment_atom), one 32-bit load per 8 values, at
+//           the price of 1 B/weight more traffic per call (read + write of the packed weight) and a workspace.
+//   Both decode with the same converter: in either layout byte i of a thread's word holds fragment values 2i, 2i+1.
+//   SASS of this build (per consumer thread and k-tile, 32 weights): stored 16 LDS.U8 + 12 PRMT to assemble the words,
+//   repacked 4 LDS.32; the k-tile loop is ~155 vs ~130 instructions at 128x256 (~137 vs ~124 at 128x128), of which the
+//   decode is 64 PRMT + 16 HMUL2 in both. Whether the stored variant's extra ~20 % hides under the wgmmas is what the
+//   probe measures.
+//
+// Workspace (sm90_workspace): one byte buffer per (device, dtype, stream), grown to the largest layer seen and reused by
+// every later call, like the decode + cuBLAS path's: [scales [k/64][n] in x's dtype][repacked w, n*k/2 B (repacked only)][CUTLASS
+// workspace]. Keying by stream keeps concurrent streams apart; within one stream, stream order makes reuse safe. It is
+// kept for the life of the process (no release hook in v1; a CUDA-graph capture must not be the first, growing call).
+//
+// Alignment (TMA: 16-byte base and row pitch of every tensor it reads or writes): k % 64 == 0 (the NF4 block; also makes
+// w's rows 16-byte multiples), n % 8 == 0 (rows of y and of the scale tensor), n % 16 == 0 with repacked weights (the
+// 16-row atom); x is copied when its base is not 16-byte aligned, w_nf4 must be. m, n, k fit int32; repacked: n*k < 2^31.
+//
+// Shared memory (StageCountAutoCarveout: as many mainloop stages as fit beside the epilogue's C and D buffers, 34816 B;
+// one CTA per SM, 384 threads = 1 producer + 2 consumer warpgroups):
+//   tile      bytes per stage: w 128x64/2 + x N'x64x2 + 128 scales x2     stages   SharedStorageSize
+//   128x256   4096 + 32768 + 256 = 37120                                  5        221184
+//   128x128   4096 + 16384 + 256 = 20736                                  9        222208
+// Registers: the build log (-Xptxas=-v; the launch bound is 168, consumers raise theirs with setmaxnreg); 0 spills.
+#include <atomic>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include <cutlass/util/packed_stride.hpp>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "common/elem.cuh"
+#include "common/nf4.cuh"
+#include "common/nf4_sm90.cuh"
+#include "common/nf4_tensors.h"
+
+namespace qlora_ext {
+namespace {
+
+enum class Sm90Tile : int { k128x256, k128x128 };
+enum class WLayout : int { kStored, kRepacked };
+
+// The whole host → device contract of this file's kernels (scale decode, repack, NF4 GEMM).
+struct QloraFwdSm90Params {
+  const void* x;           // [m, k] row-major, x's dtype, 16-byte aligned
+  NF4View w;               // frozen weight [n, k]: packed nibbles (bnb order) + block scales (common/nf4.cuh)
+  void* w_scale;           // [k/64, n] workspace: block scales in x's dtype, n contiguous (the collective's MN-major)
+  uint8_t* w_repacked;     // [n*k/2] workspace: w's bytes in fragment order (WLayout::kRepacked), else nullptr
+  void* gemm_workspace;    // CUTLASS's workspace (tile scheduler); nullptr when it needs none
+  void* y;                 // [m, n] row-major: s·u·lora_Bᵀ + bias on entry, + x·wᵀ on exit (C = D)
+  int64_t m, n, k;
+  Sm90Tile tile;           // GEMM tile (pick_tile)
+  WLayout wlayout;         // how the GEMM reads w (env QLORA_EXT_SM90_WLAYOUT)
+};
+
+template <typename T>
+struct CutlassHalf;  // the CUTLASS twin of a CUDA 16-bit type
+template <>
+struct CutlassHalf<__nv_bfloat16> {
+  using type = cutlass::bfloat16_t;
+};
+template <>
+struct CutlassHalf<__half> {
+  using type = cutlass::half_t;
+};
+
+// ---- per-call scale decode: absmax (fp32, or double-quantized uint8) -> [k/64][n] in x's dtype ------------------
+// The collective multiplies each decoded code by a scale of the 16-bit type, read by TMA as one [n] row per k-tile.
+// Rounding: scale = dtype(nf4_block_scale), bnb's exact fp32 scale rounded to 16 bits, and the collective multiplies
+// it by the 16-bit table entry (common/nf4_sm90.cuh): bf16(code) x bf16(scale) rounds twice where bnb rounds the fp32
+// product once (up to ~1 ulp apart per weight), so the kernels' tests hold y to the ratio rule, not to bnb's bits.
+// The decoder's table is compiled in (bnb's NF4 codebook): a `code` tensor that does not round to it would decode
+// wrongly, so the kernel checks it and then writes NaN scales instead (y becomes NaN: loud, and no host sync).
+// 32 rows x 32 blocks per CTA through shared memory: absmax is read along a row, the scales written along n.
+// Grid: x = row tiles (2^31 - 1 of them allowed), y = block tiles (k up to 2^26).
+constexpr int kScaleTile = 32;
+
+template <typename T>  // __nv_bfloat16 or __half
+__global__ void __launch_bounds__(kScaleTile * 8) nf4_scale_kernel(const __grid_constant__ QloraFwdSm90Params p) {
+  __shared__ float tile[kScaleTile][kScaleTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kScaleTile + tx;
+  const int64_t blocks_per_row = p.k / kNF4BlockSize;
+  const int64_t row0 = int64_t(blockIdx.x) * kScaleTile, kb0 = int64_t(blockIdx.y) * kScaleTile;
+  const bool code_ok = __syncthreads_and(
+      tid >= 16 || Elem<T>::from_float(__ldg(p.w.code + tid)) == nf4_table_entry<typename CutlassHalf<T>::type>(tid));
+#pragma unroll
+  for (int i = 0; i < kScaleTile / 8; ++i) {
+    const int r = ty + 8 * i;
+    const int64_t row = row0 + r, kb = kb0 + tx;
+    if (row < p.n && kb < blocks_per_row) tile[r][tx] = nf4_block_scale(p.w, row * blocks_per_row + kb);
+  }
+  __syncthreads();
+  uint16_t* out = static_cast<uint16_t*>(p.w_scale);
+#pragma unroll
+  for (int i = 0; i < kScaleTile / 8; ++i) {
+    const int c = ty + 8 * i;
+    const int64_t row = row0 + tx, kb = kb0 + c;
+    if (row < p.n && kb < blocks_per_row)
+      out[kb * p.n + row] = Elem<T>::from_float(code_ok ? tile[tx][c] : __int_as_float(0x7FC00000));
+  }
+}
+
+// ---- per-call repack (WLayout::kRepacked): bnb bytes -> the fragment-ordered layout the GEMM's TMA reads ------------
+// The layout is nf4_fragment_atom() (16 rows x 16 k = 128 bytes, one warp's wgmma fragments) tiled over [n, k] by
+// cute::tile_to_shape. A CTA gathers 16 rows x 256 k (16 atoms) into shared memory byte by byte, then writes each
+// atom as 128 contiguous bytes where the tiled layout puts it. Bytes are moved whole (their nibble order is bnb's).
+constexpr int kRepackK = 256;
+using FragmentAtom = decltype(nf4_fragment_atom<cutlass::bfloat16_t>());
+static_assert(cute::is_same_v<FragmentAtom, decltype(nf4_fragment_atom<cutlass::half_t>())>,
+              "bf16 and fp16 wgmma fragments have the same thread-value layout");
+using RepackedWLayout = decltype(cute::tile_to_shape(FragmentAtom{}, cute::make_shape(int{}, int{}, int{})));
+
+__host__ __device__ inline RepackedWLayout repacked_w_layout(int64_t n, int64_t k) {
+  return cute::tile_to_shape(FragmentAtom{}, cute::make_shape(int(n), int(k), 1));
+}
+
+__global__ void __launch_bounds__(256) nf4_repack_kernel(const __grid_constant__ QloraFwdSm90Params p) {
+  constexpr int kAtoms = kRepackK / 16;
+  __shared__ __align__(16) uint8_t atoms[kAtoms][128];
+  const int tid = threadIdx.x;
+  const int64_t row0 = int64_t(blockIdx.x) * 16, k0 = int64_t(blockIdx.y) * kRepackK;  // x: row groups, y: k
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {  // 16 rows x 32 words (8 k each) of packed w
+    const int word = tid + 256 * i, r = word / 32, w = word % 32;
+    if (k0 + 8 * w >= p.k) continue;
+    const uint32_t bytes =
+        *reinterpret_cast<const uint32_t*>(p.w.w_nf4 + ((row0 + r) * p.k + k0 + 8 * w) / 2);
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const int k_local = 8 * w + 2 * b;  // even: the byte's first (high-nibble) element
+      atoms[k_local / 16][FragmentAtom{}(r, k_local % 16) / 2] = static_cast<uint8_t>(bytes >> (8 * b));
+    }
+  }
+  __syncthreads();
+  const int atom = tid / 16, chunk = tid % 16;  // 16 threads x 8 bytes per atom
+  const int64_t k_atom = k0 + 16 * atom;
+  if (k_atom >= p.k) return;
+  const int64_t base = repacked_w_layout(p.n, p.k)(int(row0), int(k_atom), 0) / 2;
+  *reinterpret_cast<uint2*>(p.w_repacked + base + 8 * chunk) = *reinterpret_cast<const uint2*>(&atoms[atom][8 * chunk]);
+}
+
+// ---- the NF4 GEMM: CUTLASS types of one (dtype, tile, weight layout) instance ----------------------------------------
+template <typename Half, class TileShape, WLayout kW>
+struct NF4GemmSm90 {
+  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  // A' = w [n, k] K-major (a RowMajor tag, or the repacked cute layout); B' = x [m, k] K-major (ColumnMajor K x m);
+  // C' = D' = [n, m] column-major = y [m, n] row-major.
+  using LayoutW = cute::conditional_t<kW == WLayout::kStored, cutlass::layout::RowMajor, RepackedWLayout>;
+  using LayoutX = cutlass::layout::ColumnMajor;
+  using LayoutY = cutlass::layout::ColumnMajor;
+  static constexpr int kAlignW = 32, kAlignX = 8, kAlignY = 8;  // elements in 16 bytes: TMA's minimum
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,  // accumulator, epilogue compute
+      Half, LayoutY, kAlignY,                                          // C = y as cuBLAS left it
+      Half, LayoutY, kAlignY,                                          // D = y
+      cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      cute::tuple<nf4_t, Half>, LayoutW, kAlignW,  // A' = NF4 codes + one Half scale per 64 k (ConvertAndScale)
+      Half, LayoutX, kAlignX,                      // B' = x
+      float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static typename Gemm::Arguments arguments(const QloraFwdSm90Params& p, const cutlass::KernelHardwareInfo& hw) {
+    const int m = int(p.m), n = int(p.n), k = int(p.k);
+    typename Mainloop::StrideA stride_w{};
+    if constexpr (kW == WLayout::kStored) {
+      stride_w = cutlass::make_cute_packed_stride(typename Mainloop::StrideA{}, cute::make_shape(n, k, 1));
+    } else {
+      stride_w = repacked_w_layout(n, k);
+    }
+    const auto stride_x = cutlass::make_cute_packed_stride(typename Mainloop::StrideB{}, cute::make_shape(m, k, 1));
+    const auto stride_scale = cutlass::make_cute_packed_stride(typename Mainloop::StrideScale{},
+                                                               cute::make_shape(n, k / kNF4BlockSize, 1));
+    const auto stride_y = cutlass::make_cute_packed_stride(typename Kernel::StrideC{}, cute::make_shape(n, m, 1));
+    const uint8_t* w_bytes = kW == WLayout::kStored ? p.w.w_nf4 : p.w_repacked;
+    Half* y = static_cast<Half*>(p.y);
+    return typename Gemm::Arguments{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {n, m, k, 1},
+        {reinterpret_cast<const nf4_t*>(w_bytes), stride_w, static_cast<const Half*>(p.x), stride_x,
+         static_cast<const Half*>(p.w_scale), stride_scale, kNF4BlockSize},
+        {{1.0f, 1.0f}, y, stride_y, y, stride_y},  // D = 1·acc + 1·C, in place (see the header)
+        hw};
+  }
+
+  static size_t workspace_bytes(const QloraFwdSm90Params& p, const cutlass::KernelHardwareInfo& hw) {
+    return Gemm::get_workspace_size(arguments(p, hw));
+  }
+
+  static void run(const QloraFwdSm90Params& p, const cutlass::KernelHardwareInfo& hw, cudaStream_t stream) {
+    typename Gemm::Arguments args = arguments(p, hw);
+    TORCH_CHECK(Gemm::can_implement(args) == cutlass::Status::kSuccess,
+                "qlora_linear: the sm90 NF4 GEMM cannot run [m, n, k] = [", p.m, ", ", p.n, ", ", p.k,
+                "] (CUTLASS can_implement failed: TMA alignment)");
+    TORCH_CHECK(Kernel::initialize_workspace(args, p.gemm_workspace, stream) == cutlass::Status::kSuccess,
+                "qlora_linear: CUTLASS could not initialize the sm90 GEMM workspace");
+    typename Kernel::Params params = Kernel::to_underlying_arguments(args, p.gemm_workspace);
+    // The dynamic shared memory opt-in is a per-device attribute of the function: set it once per device.
+    static std::atomic<uint64_t> devices_done{0};
+    const uint64_t bit = uint64_t(1) << (hw.device_id & 63);
+    if ((devices_done.load() & bit) == 0) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          int(Kernel::SharedStorageSize)));
+      devices_done.fetch_or(bit);
+    }
+    const cutlass::Status status = Gemm::run(params, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    TORCH_CHECK(status == cutlass::Status::kSuccess, "qlora_linear: the sm90 NF4 GEMM failed to launch (",
+                cutlass::cutlassGetStatusString(status), ")");
+  }
+};
+
+// f(NF4GemmSm90<...>{}) for the instance serving (dtype, tile, weight layout): 2 x 2 x 2 instantiations.
+template <typename F>
+void dispatch_gemm(at::ScalarType dtype, Sm90Tile tile, WLayout wlayout, F&& f) {
+  dispatch_half(dtype, [&](auto tag) {
+    using Half = typename CutlassHalf<decltype(tag)>::type;
+    auto with_tile = [&](auto tile_shape) {
+      using TileShape = decltype(tile_shape);
+      if (wlayout == WLayout::kStored) f(NF4GemmSm90<Half, TileShape, WLayout::kStored>{});
+      else f(NF4GemmSm90<Half, TileShape, WLayout::kRepacked>{});
+    };
+    if (tile == Sm90Tile::k128x256) with_tile(cute::Shape<cute::_128, cute::_256, cute::_64>{});
+    else with_tile(cute::Shape<cute::_128, cute::_128, cute::_64>{});
+  });
+}
+
+// ---- configuration -----------------------------------------------------------------------------------------------
+// The one place the tile is chosen. First guess, before measurements of this kernel: 128x256 (the probe's fastest
+// tile at m >= 2048), unless its tiles would leave SMs idle, then 128x128 (twice as many tiles). Override:
+// QLORA_EXT_SM90_TILE=128x256|128x128 (read on every call, so a benchmark can switch it).
+Sm90Tile pick_tile(int64_t m, int64_t n, int sm_count) {
+  if (const char* env = std::getenv("QLORA_EXT_SM90_TILE"); env != nullptr && *env != '\0') {
+    const std::string v(env);
+    if (v == "128x256") return Sm90Tile::k128x256;
+    if (v == "128x128") return Sm90Tile::k128x128;
+    TORCH_CHECK(false, "qlora_linear: QLORA_EXT_SM90_TILE must be 128x256 or 128x128, got '", v, "'");
+  }
+  const int64_t wide_tiles = ceil_div(n, 128) * ceil_div(m, 256);
+  return wide_tiles >= sm_count ? Sm90Tile::k128x256 : Sm90Tile::k128x128;
+}
+
+// QLORA_EXT_SM90_WLAYOUT=stored (default) | repacked (read on every call).
+WLayout pick_wlayout() {
+  const char* env = std::getenv("QLORA_EXT_SM90_WLAYOUT");
+  if (env == nullptr || *env == '\0' || std::string(env) == "stored") return WLayout::kStored;
+  TORCH_CHECK(std::string(env) == "repacked", "qlora_linear: QLORA_EXT_SM90_WLAYOUT must be stored or repacked, got '",
+              env, "'");
+  return WLayout::kRepacked;
+}
+
+// ---- workspace -----------------------------------------------------------------------------------------------------
+constexpr int64_t kCarveAlign = 256;  // every workspace region starts on a 256-byte boundary (TMA wants 16)
+
+int64_t carve_bytes(int64_t bytes) { return ceil_div(bytes, kCarveAlign) * kCarveAlign; }
+
+// The byte buffer for (device, dtype, current stream), at least `bytes` long (see the header). The map is heap-held
+// and never destroyed: its tensors must not be freed by static destructors after the CUDA allocator is gone.
+at::Tensor sm90_workspace(const at::Device& device, at::ScalarType dtype, int64_t bytes) {
+  static std::mutex mutex;
+  static auto* buffers = new std::map<std::tuple<int, int, int64_t>, at::Tensor>();
+  const int64_t stream_id = c10::cuda::getCurrentCUDAStream(device.index()).id();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buf = (*buffers)[{device.index(), static_cast<int>(dtype), stream_id}];
+  if (!buf.defined() || buf.numel() < bytes) {
+    buf = at::Tensor();  // hand the smaller buffer back to the caching allocator before taking the larger one
+    buf = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  }
+  return buf;
+}
+
+// ---- launcher --------------------------------------------------------------------------------------------------------
+// The only launch site of this file's kernels: scale decode, repack (kRepacked), NF4 GEMM, in stream order.
+void launch_qlora_fwd_sm90(const QloraFwdSm90Params& p, at::ScalarType dtype, const cutlass::KernelHardwareInfo& hw,
+                           cudaStream_t stream) {
+  dispatch_half(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 grid(static_cast<unsigned>(ceil_div(p.n, kScaleTile)),
+                    static_cast<unsigned>(ceil_div(p.k / kNF4BlockSize, kScaleTile)));
+    nf4_scale_kernel<T><<<grid, dim3(kScaleTile, 8), 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (p.wlayout == WLayout::kRepacked) {
+    const dim3 grid(static_cast<unsigned>(p.n / 16), static_cast<unsigned>(ceil_div(p.k, kRepackK)));
+    nf4_repack_kernel<<<grid, 256, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  dispatch_gemm(dtype, p.tile, p.wlayout, [&](auto gemm) { decltype(gemm)::run(p, hw, stream); });
+}
+
+// u = dropout(x) through the _lora_dropout op (csrc/lora_dropout.cu): the same counter mask, idx = row * k + col.
+at::Tensor lora_dropout(const at::Tensor& x, double dropout_p, int64_t seed) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlora_ext::_lora_dropout", "")
+                             .typed<at::Tensor(const at::Tensor&, double, int64_t)>();
+  return op.call(x, dropout_p, seed);
+}
+
+// Op qlora_ext::_sm90_fwd (schema: csrc/ops.cpp) -> (y [m, n], u [m, r]) in x's dtype; the contract of _fused_fwd.
+// Device guard → checks → allocate → LoRA products (cuBLAS, into y) → Params → launch.
+std::tuple<at::Tensor, at::Tensor> sm90_fwd(const at::Tensor& x, const OptionalTensorList& w, const at::Tensor& lora_A,
+                                            const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
+                                            double scaling, double dropout_p, int64_t seed) {
+  constexpr const char* kOp = "qlora_linear";
+  check_activation(kOp, "x", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto [m, n, k, r, has_bias, wt] = check_forward_args(kOp, x, w, lora_A, lora_B, bias, dropout_p);
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(prop->major == 9 && prop->minor == 0, kOp, ": the sm90 path runs on compute capability 9.0 (H100/H200) "
+              "only, this GPU is ", prop->major, ".", prop->minor);
+  const WLayout wlayout = pick_wlayout();
+  const int64_t n_multiple = wlayout == WLayout::kRepacked ? 16 : 8;
+  TORCH_CHECK(n % n_multiple == 0, kOp, ": the sm90 path needs out_features n % ", n_multiple, " == 0 (TMA rows of ",
+              wlayout == WLayout::kRepacked ? "the repacked weight" : "y", "), got n = ", n);
+  constexpr int64_t kInt32Max = 2147483647;
+  TORCH_CHECK(m <= kInt32Max && n <= kInt32Max && k <= kInt32Max, kOp, ": the sm90 path needs m, n, k < 2^31, got [m, n, k] = [",
+              m, ", ", n, ", ", k, "]");
+  TORCH_CHECK(wlayout != WLayout::kRepacked || n * k <= kInt32Max, kOp,
+              ": repacked weights need n * k < 2^31 (32-bit layout offsets), got ", n * k);
+  check_aligned(kOp, "w_nf4", wt.w_nf4, 16);
+
+  if (m == 0) return {at::empty({m, n}, x.options()), at::empty({m, r}, x.options())};
+
+  // LoRA products on cuBLAS. u in x's dtype (as the reference rounds it); y = s·u·lora_Bᵀ + bias rounded once, from
+  // addmm's fp32 epilogue. Without bias a zero bias takes its place: beta stays 1, y is never read uninitialized.
+  const at::Tensor x_drop = dropout_p > 0.0 ? lora_dropout(x, dropout_p, seed) : x;
+  const at::Tensor u = at::mm(x_drop, lora_A.t());
+  at::Tensor y = at::addmm(has_bias ? *bias : at::zeros({n}, x.options()), u, lora_B.t(), 1.0, scaling);
+  if (!y.is_contiguous()) y = y.contiguous();
+
+  const at::Tensor xa = aligned16(x.data_ptr()) ? x : x.clone();  // TMA: 16-byte aligned base
+  const cutlass::KernelHardwareInfo hw{x.device().index(), prop->multiProcessorCount};
+
+  QloraFwdSm90Params p{};
+  p.x = xa.data_ptr();
+  p.w = wt.view();
+  p.y = y.data_ptr();
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.tile = pick_tile(m, n, prop->multiProcessorCount);
+  p.wlayout = wlayout;
+
+  // Workspace: scales, repacked weight, CUTLASS's own (sizes from the problem only; pointers set after carving).
+  const int64_t scale_bytes = carve_bytes(n * (k / kNF4BlockSize) * 2);
+  const int64_t repack_bytes = wlayout == WLayout::kRepacked ? carve_bytes(n * k / 2) : 0;
+  size_t gemm_bytes = 0;
+  dispatch_gemm(x.scalar_type(), p.tile, p.wlayout, [&](auto gemm) { gemm_bytes = decltype(gemm)::workspace_bytes(p, hw); });
+  const at::Tensor ws = sm90_workspace(x.device(), x.scalar_type(),
+                                       scale_bytes + repack_bytes + carve_bytes(static_cast<int64_t>(gemm_bytes)));
+  uint8_t* base = ws.data_ptr<uint8_t>();
+  p.w_scale = base;
+  p.w_repacked = wlayout == WLayout::kRepacked ? base + scale_bytes : nullptr;
+  p.gemm_workspace = gemm_bytes > 0 ? base + scale_bytes + repack_bytes : nullptr;
+
+  launch_qlora_fwd_sm90(p, x.scalar_type(), hw, c10::cuda::getCurrentCUDAStream());
+  return {y, u};
+}
+
+}  // namespace
+}  // namespace qlora_ext
+
+TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) { m.impl("_sm90_fwd", &qlora_ext::sm90_fwd); }
