@@ -68,6 +68,9 @@ if has sanitize; then
 fi
 if has probe; then
   stage probe $PY scripts/probe_decode_gemm.py
+  if $PY -c "import sys, torch; sys.exit(torch.cuda.get_device_capability() != (9, 0))" 2>/dev/null; then
+    stage probe_sm90 $PY scripts/probe_sm90.py --out "$LOGS/probe_sm90.json"
+  fi
 fi
 if has profile; then  # not in the default stages: host-side cost of one layer call, per implementation
   stage profile $PY scripts/profile_layer.py
@@ -80,6 +83,7 @@ tail -n 3 "$LOGS/test.log" 2>/dev/null
 grep -E "^(FAILED|ERROR)" "$LOGS/test.log" 2>/dev/null | head -40
 grep -HE "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_kernels:" "$LOGS"/san_*.log 2>/dev/null
 grep -vE '^\{' "$LOGS/probe.log" 2>/dev/null
+grep -A12 "^summary" "$LOGS/probe_sm90.log" 2>/dev/null
 grep -E "^===|Self CPU time total" "$LOGS/profile.log" 2>/dev/null
 [ -f "$LOGS/bench.log" ] && tail -n 40 "$LOGS/bench.log"
 tar -C "$OUT" -czf "$OUT/gpu_check.tgz" logs $( [ -d "$OUT/bench" ] && echo bench ) && rm -rf "$LOGS" "$OUT/bench"

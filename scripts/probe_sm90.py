@@ -9,7 +9,10 @@ Columns, per (k -> n, m):
   sm90          the whole op, per (tile, weight layout) variant, chosen with QLORA_EXT_SM90_TILE / _WLAYOUT
   sm90_gemm     the NF4 GEMM kernel alone inside that op (device time of the CUTLASS kernel from torch.profiler, one
                 L2 flush before each call), plus sm90_scale / sm90_repack: its per-call scale decode and repack kernels
-Every variant's y is also compared with the cuBLAS result plus the LoRA term (max_rel printed, in the JSON).
+Every variant's y is also compared with the cuBLAS result plus the LoRA term: fro_rel = ||y - ref|| / ||ref||
+(printed, in the JSON). A sanity check, not the correctness test (tests/test_sm90.py applies the ratio rule): the
+kernel's weight is rounded twice (bf16 code x bf16 scale), so ~1e-3 is expected in bf16. An elementwise relative
+error would be dominated by near-zero outputs.
 
     python scripts/probe_sm90.py                       # all 7 shapes x m in {2048, 8192, 16384}
     python scripts/probe_sm90.py --shapes 4096x14336 --ms 2048 --out /tmp/p.json
@@ -87,12 +90,11 @@ def kernel_times_ms(fn, calls: int) -> dict:
     return {key: (sum(v) / calls / 1e3 if v else None) for key, v in sums.items()}
 
 
-def max_rel(y, ref):
+def fro_rel(y, ref):
     y64, r64 = y.double(), ref.double()
     if not torch.isfinite(y64).all():
         return float("inf")
-    floor = 0.01 * r64.pow(2).mean().sqrt()
-    return ((y64 - r64).abs() / (r64.abs() + floor)).max().item()
+    return ((y64 - r64).norm() / r64.norm()).item()
 
 
 def main():
@@ -111,7 +113,7 @@ def main():
     def record(**kw):
         records.append(kw)
         ratio = f"{kw['ratio_vs_cublas']:.3f}" if kw.get("ratio_vs_cublas") else "-"
-        extra = f"  max_rel {kw['max_rel']:.2e}" if "max_rel" in kw else ""
+        extra = f"  fro_rel {kw['fro_rel']:.2e}" if "fro_rel" in kw else ""
         print(f"{kw['k']:>6}->{kw['n']:<6} m={kw['m']:<6} {kw['column']:<12} {kw.get('tile', ''):<8} "
               f"{kw.get('wlayout', ''):<9} {kw['median_ms']:9.4f} ms  x cuBLAS {ratio}{extra}", flush=True)
 
@@ -137,11 +139,11 @@ def main():
             for tile, wlayout in VARIANTS:
                 set_variant(tile, wlayout)
                 call = lambda: ops._sm90_fwd(x, w_list, A, B, None, S, 0.0, 0)  # noqa: E731
-                err = max_rel(call()[0], y_ref)
+                err = fro_rel(call()[0], y_ref)
                 t = _timing.gpu_time(call, est_ms=est * 1.1)
                 var = dict(base, tile=tile, wlayout=wlayout)
                 record(**var, column="sm90", median_ms=t["median_ms"], ratio_vs_cublas=t["median_ms"] / cublas_ms,
-                       spread=t["spread"], max_rel=err)
+                       spread=t["spread"], fro_rel=err)
                 kt = kernel_times_ms(call, args.profile_calls)
                 if kt["gemm"] is not None:
                     record(**var, column="sm90_gemm", median_ms=kt["gemm"], ratio_vs_cublas=kt["gemm"] / cublas_ms)

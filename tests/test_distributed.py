@@ -110,6 +110,8 @@ class Runs:
             resume_from = self["single"]["adapter"] / "step-10"
             cmd = torchrun(2, *job, "--parallel", "fsdp", "--steps", str(STEPS), "--resume", str(resume_from),
                            "--save", str(out / "adapter"))
+        elif name == "single-bf16":
+            cmd = [sys.executable, *job, "--steps", "5", "--dtype", "bf16"]
         elif name == "fsdp-bf16-ckpt":
             cmd = torchrun(2, *job, "--parallel", "fsdp", "--steps", "5", "--dtype", "bf16", "--grad-ckpt")
         else:
@@ -243,12 +245,17 @@ def test_fsdp_resumes_a_one_process_checkpoint(runs):
 
 
 def test_fsdp_bf16_mixed_precision_with_activation_checkpointing(runs):
-    """bf16 compute, fp32 master adapters and fp32 gradient reduction, decoder layers recomputed in backward:
-    the losses follow the fp32 run to bf16 rounding (measured: 6e-4)."""
-    log, fp32 = runs["fsdp-bf16-ckpt"]["log"], runs["single"]["log"]
-    assert log["dtype"] == "bfloat16"
+    """bf16 compute, fp32 master adapters and fp32 gradient reduction, decoder layers recomputed in backward: the
+    losses follow the one-process bf16 run (the same bf16 numerics; it keeps bf16 adapters, so later steps differ by
+    their rounding) and stay near the fp32 run. How far bf16 is from fp32 depends on torch's CPU kernels: this run's
+    step 0 differed from the fp32 run's by 6e-4 on torch 2.14 and by 1.9e-2 on torch 2.11."""
+    log, bf16, fp32 = runs["fsdp-bf16-ckpt"]["log"], runs["single-bf16"]["log"], runs["single"]["log"]
+    assert log["dtype"] == "bfloat16" and bf16["dtype"] == "bfloat16"
+    assert rel(log["losses"][0], bf16["losses"][0]) < 1e-3, (log["losses"][0], bf16["losses"][0])
+    for step, (got, want) in enumerate(zip(log["losses"], bf16["losses"])):
+        assert math.isfinite(got) and rel(got, want) < 1e-2, f"step {step}: {got} vs {want} (one-process bf16)"
     for step, (got, want) in enumerate(zip(log["losses"], fp32["losses"])):
-        assert math.isfinite(got) and rel(got, want) < 1e-2, f"step {step}: {got} vs {want} (fp32)"
+        assert rel(got, want) < 5e-2, f"step {step}: {got} vs {want} (fp32)"
     assert sum(log["nf4_bytes_per_rank"]) == log["nf4_bytes_whole"]
 
 

@@ -30,6 +30,20 @@ def test_cpp_path_table_matches_policy():
     assert tuple(torch.ops.qlora_ext._path_names()) == policy.PATHS
 
 
+def test_cpp_errors_keep_their_numbers():
+    """_linear checks its path ids before it touches a tensor, so this runs on the CPU (CI): a C++ error message
+    must carry its numbers. Linked with a private static libstdc++ whose data binds to another copy, _C printed
+    "bwd_path " with the number dropped (and crashed the process on the GPU machine); csrc/build_flags.txt, ldflags."""
+    if not cuda.has_cuda_kernels():
+        pytest.skip("qlora_ext was built without its CUDA kernels (no _C)")
+    x, lora_A, lora_B = torch.zeros(2, 64), torch.zeros(4, 64), torch.zeros(8, 4)
+    args = (x, [None] * 6, lora_A, lora_B, None, 0.5, 0.0, 0)
+    with pytest.raises(RuntimeError, match=r'bwd_path 2 \("gemv"\) is forward-only'):
+        torch.ops.qlora_ext._linear(*args, 0, policy.PATHS.index("gemv"))
+    with pytest.raises(RuntimeError, match=rf"0 <= fwd_path < {len(policy.PATHS)}\), got {len(policy.PATHS)}"):
+        torch.ops.qlora_ext._linear(*args, len(policy.PATHS), 0)
+
+
 @pytest.mark.parametrize("forced,m,expected", [("fused", 7, ("fused", "fused")),
                                                ("decode_gemm", 7, ("decode_gemm", "decode_gemm")),
                                                ("gemv", 7, ("gemv", "fused")), ("gemv", 33, ("fused", "fused"))])
