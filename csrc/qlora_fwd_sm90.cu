@@ -383,15 +383,10 @@ std::tuple<at::Tensor, at::Tensor> sm90_fwd(const at::Tensor& x, const OptionalT
   const at::Tensor xa = aligned16(x.data_ptr()) ? x : x.clone();  // TMA: 16-byte aligned base
   const cutlass::KernelHardwareInfo hw{x.device().index(), prop->multiProcessorCount};
 
-  QloraFwdSm90Params p{};
-  p.x = xa.data_ptr();
-  p.w = wt.view();
-  p.y = y.data_ptr();
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.tile = pick_tile(m, n, prop->multiProcessorCount);
-  p.wlayout = wlayout;
+  // The workspace pointers are set below, once the sizes (which depend on the problem and the variant) are known.
+  QloraFwdSm90Params p{.x = xa.data_ptr(), .w = wt.view(), .w_scale = nullptr, .w_repacked = nullptr,
+                       .gemm_workspace = nullptr, .y = y.data_ptr(), .m = m, .n = n, .k = k,
+                       .tile = pick_tile(m, n, prop->multiProcessorCount), .wlayout = wlayout};
 
   // Workspace: scales, repacked weight, CUTLASS's own (sizes from the problem only; pointers set after carving).
   const int64_t scale_bytes = carve_bytes(n * (k / kNF4BlockSize) * 2);
