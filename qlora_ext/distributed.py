@@ -62,7 +62,7 @@ def _rank() -> int:
 @functools.cache
 def _fully_shard_takes_integer_parameters() -> bool:
     """Whether this torch's fully_shard can shard a frozen integer parameter. Older releases create the sharded
-    parameter with requires_grad=True and reset it after, which raises for integer dtypes (torch's issue 177844);
+    parameter with requires_grad=True and reset it after, which raises for integer dtypes (torch 2.11 and older);
     the fixed code passes requires_grad at creation. Read from the source; when it cannot be read, assume not."""
     try:
         from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam

@@ -288,7 +288,7 @@ class NF4Storage(nn.Module):
     Storage dtype (`storage_dtype`, default uint8; set_storage_dtype() changes it): the same bytes may be held as
     bfloat16, float16 or float32 elements instead, for torch releases whose fully_shard cannot hold an integer
     parameter (it creates its sharded parameters with requires_grad=True before resetting it, which only floating
-    dtypes allow; torch's issue 177844). The bytes are then grouped into elements of that dtype (1-byte rows padded
+    dtypes allow; torch 2.11 and older). The bytes are then grouped into elements of that dtype (1-byte rows padded
     to whole elements); nothing is converted. A floating storage must equal the MixedPrecisionPolicy's param_dtype
     (equal dtypes are not cast; any other would turn the bytes into numbers): op_args() refuses a storage that
     arrives in another dtype. Model-level casts (model.half(), .to(dtype)) never touch it (see _apply).
@@ -375,19 +375,19 @@ class NF4Storage(nn.Module):
                 "layer through the forward of the fully_shard module that holds it (which all-gathers the base), "
                 "or call .unshard() on that module first and .reshard() after")
 
-        wrong = {name: t.dtype for name, t in self._parameters.items() if t is not None and t.dtype != self.storage_dtype}
-        if wrong:
+        if self.w_nf4.dtype != self.storage_dtype:  # a cast (policy, .to) converts every storage tensor alike
             raise RuntimeError(
-                f"QLoRALinear: its NF4 storage is held as {self.storage_dtype} but arrived as {wrong}: something cast "
-                f"the packed bytes (e.g. a fully_shard MixedPrecisionPolicy whose param_dtype differs from the "
-                f"storage dtype). Call qlora_ext.distributed.set_storage_dtype(model, param_dtype) before "
+                f"QLoRALinear: its NF4 storage is held as {self.storage_dtype} but arrived as {self.w_nf4.dtype}: "
+                f"something cast the packed bytes (e.g. a fully_shard MixedPrecisionPolicy whose param_dtype differs "
+                f"from the storage dtype). Call qlora_ext.distributed.set_storage_dtype(model, param_dtype) before "
                 f"fully_shard.")
 
         def floats(t, shape):
             return None if t is None else t.view(torch.float32).view(shape)
 
         def nbytes(t, count):  # the first `count` bytes (the rest is padding to whole storage elements)
-            return t.view(torch.uint8).view(-1)[:count]
+            flat = t.view(-1) if t.dtype == torch.uint8 else t.view(torch.uint8).view(-1)
+            return flat if flat.numel() == count else flat[:count]
 
         double_quant = self.nested_absmax is not None
         n, k = self.shape
