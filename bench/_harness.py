@@ -27,7 +27,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 PROTOCOL = {
     "layers": (f"median of the medians of 3 repeats (2 for calls over 10 ms) of CUDA-event times per call, "
                f"{_timing.FLUSH_BYTES >> 20} MB L2 flush before each (triton.testing.do_bench protocol; warm-up "
-               f"{_timing.WARMUP_MS:g} ms, {_timing.REP_MS:g} ms and >= {_timing.MIN_CALLS} calls per repeat)"),
+               f"{_timing.WARMUP_MS:g} ms, {_timing.REP_MS:g} ms and >= {_timing.MIN_CALLS} calls per repeat); the "
+               f"columns of a row timed side by side, one repeat each per round, the order rotated per round, and "
+               f"before each repeat of a call of >= {_timing.COND_FROM_MS:g} ms the row's cuBLAS GEMM run for "
+               f"{_timing.COND_MS:g} ms (every column starts from the same clock state)"),
     "spread": "(max - min) / median of the repeat medians",
     "host_bound": (f"host launch time of a call (GPU idle at its start) >= {_timing.HOST_BOUND} x its event-timed "
                    "median: the host, not the GPU, sets the pace"),
@@ -85,6 +88,11 @@ class Bench:
         self.ws: _impls.Workspace | None = None
         self.shape_t0 = 0.0
         self.model = None  # (implementation, model, weights MiB) of the e2e implementation being run
+        # Layer rows: the columns of a row are built and checked one item at a time, then timed side by side when
+        # its last column (row_sizes: columns per row among the collected items) has been built.
+        self.row_sizes: dict[str, int] = {}
+        self.seen: dict[str, int] = {}
+        self.pending: dict[str, list] = {}
 
     def start(self) -> None:
         import torch
@@ -137,29 +145,58 @@ class Bench:
                "implementation": cell.column, "status": "ok", "reason": None}
         self.cells.append(row)
         t_start = time.time()
+        row["reason"] = self._skip_reason(cell.column, cell)
+        if row["reason"]:
+            row["status"] = "skipped"
         try:
-            row["reason"] = self._skip_reason(cell.column, cell)
-            if row["reason"]:
-                row["status"] = "skipped"
-                return row
-            if self.ws is None or self.ws.shape != cell.shape:
-                self.close_shape()
-                self.ws, self.shape_t0 = _impls.Workspace(cell.shape), time.time()
-            qlora = cell.column.startswith("qlora_ext")
-            with _impls.forced(_sweep.path_of(cell.column)) if qlora else contextlib.nullcontext():
-                fn, grads = _impls.build(self.ws, cell)
-                t0 = time.perf_counter()
-                _sanity(cell, fn())
-                first_ms = (time.perf_counter() - t0) * 1e3
-                row.update(_timing.host_and_memory(benchmark, fn, grads, 5 if first_ms < 50 else 3))
-                row.update(_timing.gpu_time(fn, grads, est_ms=row["wall_ms"]))
-                row["host_bound"] = row["host_ms"] >= _timing.HOST_BOUND * row["median_ms"]
-                if qlora:
-                    row["workspace_mib"] = _impls.workspace_mib()
+            if row["status"] == "ok":
+                self._build_layer(cell, row, benchmark)
         except Exception as e:  # a failing column (ours included) is recorded and the run goes on
             self._failed(row, e)
         row["cell_s"] = round(time.time() - t_start, 3)
+        self.seen[cell.row] = self.seen.get(cell.row, 0) + 1
+        if self.seen[cell.row] >= self.row_sizes.get(cell.row, 1):
+            late = self._time_row(cell.row, row)
+            if late and row["status"] != "error":  # an earlier column failed while timed: this item reports it
+                row = {**row, "status": "error", "reason": "; ".join(late)}
         return row
+
+    def _build_layer(self, cell, row: dict, benchmark) -> None:
+        """Build the column's call, check its outputs once, record its host time and memory, and queue it for
+        the row's timing."""
+        if self.ws is None or self.ws.shape != cell.shape:
+            self.close_shape()
+            self.ws, self.shape_t0 = _impls.Workspace(cell.shape), time.time()
+        qlora = cell.column.startswith("qlora_ext")
+        path = _sweep.path_of(cell.column)
+        context = (lambda: _impls.forced(path)) if qlora else contextlib.nullcontext
+        with context():
+            fn, grads = _impls.build(self.ws, cell)
+            t0 = time.perf_counter()
+            _sanity(cell, fn())
+            first_ms = (time.perf_counter() - t0) * 1e3
+            row.update(_timing.host_and_memory(benchmark, fn, grads, 5 if first_ms < 50 else 3))
+            if qlora:
+                row["workspace_mib"] = _impls.workspace_mib()
+        self.pending.setdefault(cell.row, []).append((row, (fn, grads, row["wall_ms"], context)))
+
+    def _time_row(self, key: str, current: dict) -> list[str]:
+        """Event-time the row's columns side by side (_timing.gpu_times), once its last column is built; -> the
+        errors of the columns other than ``current`` (the running item's), which that item reports: the items of
+        the earlier columns have passed already."""
+        entries = self.pending.pop(key, [])
+        late = []
+        cublas = [call for row, call in entries if row["implementation"] == "cublas"]
+        condition = (cublas[0][0], cublas[0][2]) if cublas else None
+        for (row, _), res in zip(entries, _timing.gpu_times([call for _, call in entries], condition)):
+            if isinstance(res, BaseException):
+                self._failed(row, res)
+                if row is not current:
+                    late.append(f"{row['implementation']}: {row['reason']}")
+                continue
+            row.update(res)
+            row["host_bound"] = row["host_ms"] >= _timing.HOST_BOUND * row["median_ms"]
+        return late
 
     def run_e2e(self, impl: str, batch: int, benchmark) -> dict:
         import torch

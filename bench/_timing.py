@@ -3,6 +3,8 @@ time and peak memory per call (through pytest-benchmark), and the GEMM / copy ce
 
 from __future__ import annotations
 
+import contextlib
+import math
 import statistics
 import time
 
@@ -11,6 +13,7 @@ from . import _impls
 WARMUP_MS, REP_MS, MIN_CALLS = 10.0, 20.0, 3  # warm-up before the first repeat; per repeat: span, fewest timed calls
 FLUSH_BYTES = 256 << 20  # triton's L2 flush: zero a 256 MB buffer before every timed call
 HOST_BOUND = 0.8  # host launch time >= this fraction of the event-timed median: the host sets the pace
+COND_MS, COND_FROM_MS = 40.0, 0.5  # gpu_times: the row's cuBLAS GEMM runs this long before each repeat of a call this long
 
 
 def do_bench(fn, warmup_ms: float, rep_ms: float, grads=()) -> tuple[list[float], str]:
@@ -52,18 +55,49 @@ def do_bench(fn, warmup_ms: float, rep_ms: float, grads=()) -> tuple[list[float]
     return [s.elapsed_time(e) for s, e in events], "cuda events"
 
 
+def gpu_times(calls, condition=None) -> list:
+    """Event-timed medians of a row's calls, measured side by side. calls: (fn, grads, est_ms, context) with
+    ``context()`` a context manager that every repeat of fn runs inside (the forced path of a column).
+
+    An H200's clocks follow its power draw with a lag of more than a call: a column timed right after a
+    low-power one (the mma.sync kernels) ran faster than the same work timed after the cuBLAS column, by 6 % on
+    average and up to 14 % (forced decode_gemm vs the auto column dispatching to it, m >= 8192, 2026-12-01). So
+    calls are timed in rounds (three, two for calls over 10 ms), each round one do_bench repeat of every call, the
+    order rotated by one per round; and before each repeat of a call of >= COND_FROM_MS, ``condition`` = (fn,
+    est_ms), the row's cuBLAS GEMM, runs for COND_MS, so every column starts from the same hot state, the one of a
+    training step's back-to-back GEMMs. ``est_ms``, a rough time per call, stretches each repeat to MIN_CALLS timed
+    calls. Per call: {median_ms (the median of its repeat medians), spread ((max - min) / median of them), samples,
+    repeat_ms, timer}, or the exception it raised (the call then leaves the rounds)."""
+    out: list = [[] for _ in calls]
+    samples, how = [0] * len(calls), [""] * len(calls)
+    for i in range(3):
+        for j in [(i + j) % len(calls) for j in range(len(calls))]:
+            fn, grads, est_ms, context = calls[j]
+            if isinstance(out[j], BaseException) or (i == 2 and est_ms >= 10):
+                continue
+            try:
+                if condition is not None and est_ms >= COND_FROM_MS:
+                    for _ in range(math.ceil(COND_MS / max(condition[1], 1e-3))):
+                        condition[0]()
+                with context():
+                    times, how[j] = do_bench(fn, WARMUP_MS if i == 0 else 0.0,
+                                             max(REP_MS, MIN_CALLS * (est_ms + 0.1) * 1.25), grads)
+            except Exception as e:  # noqa: BLE001  (recorded for this call; the others go on)
+                out[j] = e
+                continue
+            out[j].append(statistics.median(times))
+            samples[j] += len(times)
+    return [m if isinstance(m, BaseException) else
+            {"median_ms": statistics.median(m), "spread": (max(m) - min(m)) / statistics.median(m),
+             "samples": samples[j], "repeat_ms": m, "timer": how[j]} for j, m in enumerate(out)]
+
+
 def gpu_time(fn, grads=(), est_ms: float = 1.0) -> dict:
-    """Median of the medians of 3 do_bench repeats (2 for calls over 10 ms); spread = (max - min) / median of the
-    repeat medians. ``est_ms``, a rough time per call, stretches each repeat to MIN_CALLS timed calls."""
-    rep = max(REP_MS, MIN_CALLS * (est_ms + 0.1) * 1.25)
-    medians, n, how = [], 0, ""
-    for i in range(3 if est_ms < 10 else 2):
-        times, how = do_bench(fn, WARMUP_MS if i == 0 else 0.0, rep, grads)
-        medians.append(statistics.median(times))
-        n += len(times)
-    med = statistics.median(medians)
-    return {"median_ms": med, "spread": (max(medians) - min(medians)) / med, "samples": n, "repeat_ms": medians,
-            "timer": how}
+    """gpu_times of one call."""
+    res = gpu_times([(fn, grads, est_ms, contextlib.nullcontext)])[0]
+    if isinstance(res, BaseException):
+        raise res
+    return res
 
 
 def rounds(benchmark, target, n: int, setup=None) -> None:

@@ -3,6 +3,7 @@ Without CUDA every GPU item skips with one reason; bench/test_report.py (CPU) st
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 from pathlib import Path
@@ -135,6 +136,10 @@ def pytest_collection_modifyitems(config, items):
 def pytest_collection_finish(session):
     st = session.config._qlora_bench  # what runs after -m / -k: a run is complete when all of it did
     st.expected = tuple(sum(bool(it.get_closest_marker(m)) for it in session.items) for m in ("layer", "e2e"))
+    # Columns per row among the items that run: a row is timed side by side once its last one is built.
+    rows = [it.callspec.params["layer_cell"] for it in session.items if it.get_closest_marker("layer")
+            and getattr(it, "callspec", None) and it.callspec.params.get("layer_cell") is not None]
+    st.bench.row_sizes = dict(collections.Counter(c.row for c in rows))
 
 
 @pytest.fixture(scope="session")

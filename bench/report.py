@@ -100,6 +100,15 @@ def _summary(doc) -> list[str]:
         out.append(f"  - {shape}: " + ", ".join(f"{k[3]} m={k[1]} r={k[2]} {x:.2f}×{'†' if hb else ''}"
                                                 for k, x, hb in slower if k[0] == shape))
     timed = [c for c in doc.get("cells", []) if _ok(c)]
+    peaks = defaultdict(dict)
+    for c in timed:
+        if c["implementation"] in ("qlora_ext", "bnb_peft") and c.get("peak_extra_mib") is not None:
+            peaks[(c["shape"], c["m"], c["r"], c["mode"])][c["implementation"]] = c["peak_extra_mib"]
+    both = [p for p in peaks.values() if len(p) == 2]
+    if both:
+        ws = max((c.get("workspace_mib") or 0 for c in timed), default=0)
+        out.append(f"Memory: qlora_ext's per-call peak ≤ bnb+PEFT's in {sum(p['qlora_ext'] <= p['bnb_peft'] for p in both)}"
+                   f" of {len(both)} cells; its workspace (persistent, shared by all layers) reached {ws:,.1f} MiB.")
     per = defaultdict(int)
     for c in timed:
         per[_sweep.label(c["implementation"])] += bool(c.get("host_bound"))

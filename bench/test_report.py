@@ -94,6 +94,16 @@ def test_policy(synth, tmp_path, capsys):
     assert "SLOWER than bnb+PEFT in 2 measured cells" in err and "4096x4096 m=2048 r=64 fwd" in err
 
 
+def test_policy_prefers_a_path_that_never_loses_to_bnb_peft():
+    # a is the better path by its worst ratio to the fastest (1.05x vs 1.2x) but slower than bnb+PEFT in one cell
+    keys = [("4096x14336", 4096, 14336, 2048, 16), ("4096x14336", 4096, 14336, 2048, 64)]
+    figs = {keys[0]: {"qlora_ext[a]": {"fwd": 1.05}, "qlora_ext[b]": {"fwd": 1.0}, "bnb_peft": {"fwd": 1.02}},
+            keys[1]: {"qlora_ext[a]": {"fwd": 1.0}, "qlora_ext[b]": {"fwd": 1.2}, "bnb_peft": {"fwd": 2.0}}}
+    assert policy._choose(figs, set(), keys, ["a", "b"], "fwd")[0] == "b"
+    figs[keys[0]]["bnb_peft"]["fwd"] = 1.1  # now neither loses: the worst ratio decides
+    assert policy._choose(figs, set(), keys, ["a", "b"], "fwd")[0] == "a"
+
+
 def test_report(synth, tmp_path):
     results = tmp_path / "RESULTS.md"
     assert str(results) in report.write(report.load(synth), synth, results_md=str(results))

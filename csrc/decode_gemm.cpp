@@ -9,17 +9,18 @@
 // decode moves 0.5 B/element in and 2 B/element out (4096x14336: 29 MB + 117 MB, ~34 µs at 4.3 TB/s), small next
 // to a GEMM of m >= 2048 rows (~0.3 ms at m = 2048 for that shape).
 //
-// Workspace: one buffer per (device, dtype, stream), shared by every layer, sized by the largest weight decoded so
-// far (it grows once per new maximum and is then reused by every call: no weight-sized allocation in the steady
-// state). `_workspace_bytes` is its size; `_release_workspace` frees it (the next call allocates again). Keying
-// by stream keeps two streams from decoding into one buffer at the same time; within one stream the decode → GEMM
-// order of successive layers is the stream order, so reuse is safe. A caller's view keeps its buffer alive, so a
-// release while a call runs is safe too.
+// Workspace: stream_scratch (path_ops.h), defined here: one buffer per (device, dtype, stream, slot), shared by
+// every layer, sized by the largest request so far (it grows once per new maximum and is then reused by every
+// call). `_workspace_bytes` is their total; `_release_workspace` frees them (the next call allocates again). Keying
+// by stream keeps two streams from using one buffer at the same time; within one stream the decode → GEMM order of
+// successive layers is the stream order, so reuse is safe. A caller's view keeps its buffer alive, so a release
+// while a call runs is safe too.
 #include <map>
 #include <mutex>
 #include <tuple>
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -30,7 +31,7 @@
 namespace qlora_ext {
 namespace {
 
-using WorkspaceKey = std::tuple<c10::DeviceIndex, at::ScalarType, c10::StreamId>;
+using WorkspaceKey = std::tuple<c10::DeviceIndex, at::ScalarType, c10::StreamId, int>;
 
 std::mutex workspace_mutex;
 // Leaked on purpose: destroying it at exit would free CUDA memory after the driver has shut down.
@@ -49,23 +50,35 @@ void release_workspace() {
   workspaces->clear();
 }
 
-// w decoded to like's dtype as an [n, k] view of the workspace of (like's device, dtype, current stream); valid
-// until the next decode on this stream.
-at::Tensor decoded(const OptionalTensorList& w, int64_t n, int64_t k, const at::Tensor& like) {
-  static const auto dequantize_nf4_out =
-      find_op<void(const OptionalTensorList&, const at::Tensor&)>("qlora_ext::_dequantize_nf4_out");
-  const c10::DeviceIndex device = like.device().index();
+}  // namespace
+
+at::Tensor stream_scratch(ScratchSlot slot, int64_t numel, const at::TensorOptions& opts) {
+  const c10::DeviceIndex device = opts.device().index();
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device);
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+  if (status != cudaStreamCaptureStatusNone) return at::empty({numel}, opts);
   at::Tensor buf;
   {
     const std::lock_guard<std::mutex> lock(workspace_mutex);
-    at::Tensor& slot = (*workspaces)[{device, like.scalar_type(), c10::cuda::getCurrentCUDAStream(device).id()}];
-    if (!slot.defined() || slot.numel() < n * k) {
-      slot = at::Tensor();  // free the smaller buffer before allocating the larger one
-      slot = at::empty({n * k}, like.options());
+    at::Tensor& held = (*workspaces)[{device, opts.dtype().toScalarType(), stream.id(), static_cast<int>(slot)}];
+    if (!held.defined() || held.numel() < numel) {
+      held = at::Tensor();  // free the smaller buffer before allocating the larger one
+      held = at::empty({numel}, opts);
     }
-    buf = slot;
+    buf = held;
   }
-  at::Tensor out = buf.narrow(0, 0, n * k).view({n, k});
+  return buf.narrow(0, 0, numel);
+}
+
+namespace {
+
+// w decoded to like's dtype as an [n, k] view of the decoded-weight scratch; valid until the next decode on this
+// stream.
+at::Tensor decoded(const OptionalTensorList& w, int64_t n, int64_t k, const at::Tensor& like) {
+  static const auto dequantize_nf4_out =
+      find_op<void(const OptionalTensorList&, const at::Tensor&)>("qlora_ext::_dequantize_nf4_out");
+  at::Tensor out = stream_scratch(ScratchSlot::kDecodedWeight, n * k, like.options()).view({n, k});
   dequantize_nf4_out.call(w, out);
   return out;
 }
@@ -107,10 +120,12 @@ std::tuple<at::Tensor, at::Tensor> decode_gemm_fwd(const at::Tensor& x, const Op
 
   const at::Tensor x_drop = dropout_p > 0 ? lora_dropout(x, dropout_p, seed) : x;
   at::Tensor u = at::mm(x_drop, lora_A.t());
-  // Without bias the first product is a plain mm on s·lora_B (skinny: n·r elements), not an addmm with beta = 0
-  // into an uninitialized y. s·lora_B is rounded to x's dtype once: exact for a power-of-two s (the default
+  // Without bias the first product is a plain mm with s folded into the smaller skinny operand (s·u: m·r
+  // elements, or s·lora_B: n·r; a call's transient memory stays min(m, n)·r), not an addmm with beta = 0 into an
+  // uninitialized y. The scaled operand is rounded to x's dtype once: exact for a power-of-two s (the default
   // lora_alpha / r), otherwise one more rounding of a skinny operand than an fp32 alpha, within the ratio rule.
   at::Tensor y = has_bias ? at::addmm(*bias, u, lora_B.t(), /*beta=*/1, /*alpha=*/scaling)
+                 : m <= n ? at::mm(u.mul(scaling), lora_B.t())
                           : at::mm(u, lora_B.mul(scaling).t());
   if (m > 0) y.addmm_(x, decoded(w, n, k, x).t());
   return {y, u};
@@ -135,8 +150,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_gemm_bwd(const at::Tensor&
   const KernelScope scope;
   check_matrix(kOp, "dy", dy, x.scalar_type(), "[m, n]", m, n, x.device());
 
-  // g as a plain mm on s·lora_B (the forward's reason and rounding), not an addmm with beta = 0.
-  const at::Tensor g = at::mm(dy, lora_B.mul(scaling));
+  // g as a plain mm, s on the smaller operand (the forward's reasons; for m <= n on the product g itself, which
+  // is then rounded twice: exact for a power-of-two s, otherwise within the ratio rule).
+  const at::Tensor g = m <= n ? at::mm(dy, lora_B).mul_(scaling) : at::mm(dy, lora_B.mul(scaling));
   at::Tensor dx;
   if (m == 0) {
     dx = at::zeros({m, k}, dy.options());

@@ -44,4 +44,13 @@ struct KernelScope {
                                            c10::autocast_dispatch_keyset};
 };
 
+// Scratch memory of the paths' host code (defined in csrc/decode_gemm.cpp; qlora_ext.workspace_bytes() counts it,
+// qlora_ext.release_workspace() frees it): `numel` elements of opts' dtype, a view of the one buffer of (device,
+// dtype, current stream, slot), grown to the largest request so far and then reused by every call, so a layer call
+// allocates no weight-sized memory in the steady state. Calls on one stream are ordered, so reuse by the next call
+// is safe; the contents are not kept between calls. While the stream is being captured into a CUDA graph a fresh
+// tensor is returned (from the graph's pool) and nothing is cached.
+enum class ScratchSlot : int { kDecodedWeight = 0, kGemvPartials = 1 };
+at::Tensor stream_scratch(ScratchSlot slot, int64_t numel, const at::TensorOptions& opts);
+
 }  // namespace qlora_ext

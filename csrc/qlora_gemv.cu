@@ -61,6 +61,7 @@
 #include "common/mma_sm80.cuh"
 #include "common/nf4.cuh"
 #include "common/nf4_tensors.h"
+#include "path_ops.h"
 
 namespace qlora_ext {
 namespace {
@@ -981,11 +982,13 @@ std::tuple<at::Tensor, at::Tensor> gemv_fwd(const at::Tensor& x, const OptionalT
 
   const int64_t ck = ceil_div(k, kChunkK), tiles = ceil_div(n, kTileRows);
   const int64_t utiles = ceil_div(r, 16), r_pad = utiles * 16;
-  // Workspace: one allocation, nothing in it needs zeroing (every byte read was written earlier in the launch).
+  // Workspace: the stream's gemv scratch (path_ops.h), so a call allocates only y and u; nothing in it needs
+  // zeroing (every byte read was written earlier in the launch).
   const int64_t ws_y_bytes = align_up(int64_t(pl.splits) * tiles * 32 * 4 * nt * 4, 256);
   const int64_t ws_u_bytes = align_up(utiles * ck * 32 * 4 * nt * 4, 256);
   const int64_t u_pad_bytes = align_up(m * r_pad * 2, 256);
-  auto ws = at::empty({ws_y_bytes + ws_u_bytes + u_pad_bytes}, x.options().dtype(at::kByte));
+  const at::Tensor ws = stream_scratch(ScratchSlot::kGemvPartials, ws_y_bytes + ws_u_bytes + u_pad_bytes,
+                                       x.options().dtype(at::kByte));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto counters = gemv_counters(device, stream, pl.rowgroups + utiles + 1);
 

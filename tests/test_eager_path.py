@@ -246,6 +246,31 @@ def test_compiled_layer_uses_the_custom_op(gpu_kernels):
     assert torch.equal(layer.lora_B.grad, eager["dB"])
 
 
+def test_small_m_scratch_lives_in_the_workspace(gpu_kernels):
+    """The small-m path keeps its split-k partial sums in the shared workspace (counted by workspace_bytes, freed by
+    release_workspace), so from the second call on a call allocates its outputs y and u only; the decode + cuBLAS
+    path at small m allocates nothing weight-sized either (s goes on the smaller skinny operand)."""
+    layer = make_layer(1024, 4096, 64, torch.bfloat16, False, 0.0)
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+    block = 512  # the caching allocator's rounding
+    y, u = -(-4 * 4096 * 2 // block) * block, -(-4 * 64 * 2 // block) * block
+    for path, allowed in (("gemv", y + u), ("decode_gemm", y + 2 * u)):  # decode_gemm: y, u and s·u
+        qlora_ext.release_workspace()
+        with policy.override(path), torch.no_grad():
+            layer(x)
+            held = qlora_ext.workspace_bytes()
+            assert held > 0
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            layer(x)
+            torch.cuda.synchronize()
+            assert torch.cuda.max_memory_allocated() - before <= allowed, path
+            assert qlora_ext.workspace_bytes() == held
+    qlora_ext.release_workspace()
+    assert qlora_ext.workspace_bytes() == 0
+
+
 def test_decode_workspace_grows_and_releases(gpu_kernels):
     """One workspace per (device, dtype, stream), grown to the largest weight decoded, freed by release_workspace;
     the public functions are the ones of backends.decode_gemm."""
@@ -299,6 +324,6 @@ def test_kernel_errors_with_numbers_in_the_message_raise(gpu_kernels):
         torch.ops.qlora_ext._lora_dropout(x, 1.5, 0)
     layer = make_layer(256, 384, 16, torch.bfloat16, False, 0.0)
     lora_A = torch.zeros(200, 256, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match=r"1 <= r <= 128, got r = 200"):
+    with pytest.raises(RuntimeError, match=r"1 <= r <= 128 .*got r = 200"):
         torch.ops.qlora_ext._fused_fwd(x, list(layer.base.op_args()), lora_A, layer.lora_B.detach(), None, 2.0,
                                        0.0, 0)

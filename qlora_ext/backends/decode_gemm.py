@@ -1,8 +1,10 @@
-"""The decode workspace of the decode + cuBLAS path (public as qlora_ext.workspace_bytes / release_workspace).
+"""The workspace of the CUDA paths (public as qlora_ext.workspace_bytes / release_workspace).
 
-The path itself is C++: csrc/decode_gemm.cpp (ops ``_decode_gemm_fwd`` / ``_decode_gemm_bwd``), which decodes the
-whole NF4 weight into one buffer per (device, dtype, stream), shared by every layer and sized by the largest weight
-decoded so far. These functions read and free that buffer; without the CUDA kernels there is none.
+The paths are C++: csrc/decode_gemm.cpp holds the scratch buffers (one per device, dtype, stream and use, shared
+by every layer and sized by the largest request so far): the decoded weight of the decode + cuBLAS path (ops
+``_decode_gemm_fwd`` / ``_decode_gemm_bwd``; the size of the largest bf16/fp16 weight) and the split-k partial sums
+of the small-m path (``_gemv_fwd``; a few MiB). These functions read and free them; without the CUDA kernels there
+are none.
 """
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ from . import cuda
 
 
 def workspace_bytes() -> int:
-    """Bytes held by the decode workspaces (all devices, dtypes and streams)."""
+    """Bytes held by the workspace (all devices, dtypes and streams): the decoded weight and the small-m scratch."""
     return torch.ops.qlora_ext._workspace_bytes() if cuda.has_cuda_kernels() else 0
 
 
 def release_workspace() -> None:
-    """Drop the decode workspaces; their memory returns to PyTorch's caching allocator (torch.cuda.empty_cache()
-    hands it back to the driver). The next decode_gemm call allocates a new one."""
+    """Drop the workspace buffers; their memory returns to PyTorch's caching allocator (torch.cuda.empty_cache()
+    hands it back to the driver). The next call that needs one allocates it again."""
     if cuda.has_cuda_kernels():
         torch.ops.qlora_ext._release_workspace()
