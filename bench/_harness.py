@@ -34,6 +34,8 @@ PROTOCOL = {
     "spread": "(max - min) / median of the repeat medians",
     "host_bound": (f"host launch time of a call (GPU idle at its start) >= {_timing.HOST_BOUND} x its event-timed "
                    "median: the host, not the GPU, sets the pace"),
+    "graph_ms": (f"fwd cells at m <= {_sweep.GRAPH_MAX_M}: the call captured in a CUDA graph, the replay timed as "
+                 "the layers are (GPU time without the host's launch cost; graph_reason when capture failed)"),
     "peak_extra_mib": "max_memory_allocated during one call minus memory_allocated before it",
     "workspace_mib": "qlora_ext.workspace_bytes() after the cell (persistent, shared by all layers)",
     "e2e": "median wall time of synchronized training steps after the warm-up steps",
@@ -114,7 +116,7 @@ class Bench:
         if col == "reference" and cell.m > _sweep.REFERENCE_MAX_M and not self.o.reference_all_m:
             return (f"the default sweep times the unfused reference at m <= {_sweep.REFERENCE_MAX_M} "
                     "(name it in --bench-cols to time it at every m)")
-        return _impls.unsupported(col, cell.m, cell.mode)
+        return _impls.unsupported(col, cell.m, _sweep.kn(cell.shape)[1], cell.mode)
 
     def close_shape(self) -> None:
         if self.ws is not None:
@@ -178,7 +180,15 @@ class Bench:
             row.update(_timing.host_and_memory(benchmark, fn, grads, 5 if first_ms < 50 else 3))
             if qlora:
                 row["workspace_mib"] = _impls.workspace_mib()
-        self.pending.setdefault(cell.row, []).append((row, (fn, grads, row["wall_ms"], context)))
+        self.pending.setdefault(cell.row, []).append((row, (fn, grads, row["wall_ms"], context), None))
+        if cell.mode == "fwd" and cell.m <= _sweep.GRAPH_MAX_M:  # the GPU time without the host (see PROTOCOL)
+            try:
+                with context():
+                    replay = _timing.graphed(fn)
+            except Exception as e:  # noqa: BLE001  (a column that cannot be captured keeps its event timing)
+                row["graph_reason"] = err(e)
+            else:
+                self.pending[cell.row].append((row, (replay, (), row["wall_ms"], context), "graph"))
 
     def _time_row(self, key: str, current: dict) -> list[str]:
         """Event-time the row's columns side by side (_timing.gpu_times), once its last column is built; -> the
@@ -186,9 +196,15 @@ class Bench:
         the earlier columns have passed already."""
         entries = self.pending.pop(key, [])
         late = []
-        cublas = [call for row, call in entries if row["implementation"] == "cublas"]
+        cublas = [call for row, call, what in entries if row["implementation"] == "cublas" and what is None]
         condition = (cublas[0][0], cublas[0][2]) if cublas else None
-        for (row, _), res in zip(entries, _timing.gpu_times([call for _, call in entries], condition)):
+        for (row, _, what), res in zip(entries, _timing.gpu_times([call for _, call, _ in entries], condition)):
+            if what == "graph":
+                if isinstance(res, BaseException):
+                    row["graph_reason"] = err(res)
+                else:
+                    row.update(graph_ms=res["median_ms"], graph_spread=res["spread"])
+                continue
             if isinstance(res, BaseException):
                 self._failed(row, res)
                 if row is not current:

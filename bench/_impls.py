@@ -51,15 +51,16 @@ def probe(col: str) -> str | None:
     return None
 
 
-def unsupported(col: str, m: int, mode: str) -> str | None:
-    """Why path column ``col`` does not serve this cell (qlora_ext.policy.supports), or None."""
+def unsupported(col: str, m: int, n: int, mode: str) -> str | None:
+    """Why path column ``col`` does not serve this cell on this GPU (qlora_ext.policy.supports), or None."""
     if path_of(col) is None:
         return None
     from qlora_ext import policy
 
     for forward in (True, False)[: 1 if mode == "fwd" else 2]:
-        if not policy.supports(path_of(col), m, forward):
-            return f"{path_of(col)} does not serve the {'forward' if forward else 'backward'} at m={m}"
+        if not policy.supports(path_of(col), m, forward, n):
+            return (f"{path_of(col)} does not serve the {'forward' if forward else 'backward'} at m={m}, n={n}"
+                    + (" on this GPU / build" if path_of(col) == "sm90" and forward else ""))
     return None
 
 

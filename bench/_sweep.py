@@ -18,7 +18,7 @@ ALIASES = {"all": list(SHAPES), "8b": list(SHAPES)[:4], "70b": list(SHAPES)[4:]}
 M, R, MODES = (1, 16, 128, 2048, 8192, 16384), (16, 64), ("fwd", "fwd+bwd")
 QUICK = {"shapes": ("4096x14336",), "m": (16, 2048), "r": (16,), "e2e_layers": 2, "e2e_batch": (2,)}
 LORA_ALPHA = 32
-PATHS_FALLBACK = ("fused", "decode_gemm", "gemv")  # column names while qlora_ext.policy is not importable
+PATHS_FALLBACK = ("fused", "decode_gemm", "gemv", "sm90")  # column names while qlora_ext.policy is not importable
 BASELINES = ("reference", "bnb_peft", "bf16_peft", "torchao")
 E2E_COLUMNS = ("qlora_ext", "bnb_peft", "bf16_peft")
 LABELS = {"cublas": "cuBLAS bf16", "reference": "reference (unfused)", "bnb_peft": "bnb+PEFT", "bf16_peft": "bf16+PEFT",
@@ -26,6 +26,9 @@ LABELS = {"cublas": "cuBLAS bf16", "reference": "reference (unfused)", "bnb_peft
 # The unfused reference runs the layer in fp32: 10-14x cuBLAS above m = 2048, where it alone would take a third of the
 # default sweep. The default sweep times it up to this m; naming it in --bench-cols times it at every m.
 REFERENCE_MAX_M = 2048
+# Forward cells up to this m are also timed as CUDA-graph replays: there the host's launch cost exceeds the GPU work
+# of every column, so the event timing measures Python, not kernels.
+GRAPH_MAX_M = 16
 
 
 def columns(paths) -> tuple[str, ...]:

@@ -92,6 +92,27 @@ def gpu_times(calls, condition=None) -> list:
              "samples": samples[j], "repeat_ms": m, "timer": how[j]} for j, m in enumerate(out)]
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up call on a side stream, which creates cuBLAS handles and
+    workspaces outside the capture); returns the replay. Timing the replay measures the GPU work of a call without
+    the host launching it: small-m calls are host-bound otherwise."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+
+    def replay():
+        graph.replay()
+    replay.graph = graph  # alive as long as the replay
+    return replay
+
+
 def gpu_time(fn, grads=(), est_ms: float = 1.0) -> dict:
     """gpu_times of one call."""
     res = gpu_times([(fn, grads, est_ms, contextlib.nullcontext)])[0]

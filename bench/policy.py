@@ -31,7 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("small", "expand", "reduce")
-NO_BACKWARD = ("gemv",)
+NO_BACKWARD = ("gemv", "sm90")  # qlora_ext.policy.FORWARD_ONLY
+CC_SPECIFIC = ("sm90",)  # paths of one compute capability: the "*" rows (unmeasured GPUs) choose without them
 
 
 def shape_class(n: int, k: int) -> str:
@@ -116,11 +117,8 @@ def _check(figs, choice) -> list[str]:
     return bad
 
 
-def generate(doc) -> tuple[list[dict], list[str], list[str]]:
-    """(rules, violations, warnings)."""
-    figs, errors, paths = _collect(doc)
-    measured = [k for k in figs if any(i.startswith("qlora_ext[") for i in figs[k])]
-    cc = str(doc.get("gpu", {}).get("capability", "?"))
+def _rules(figs, errors, measured, paths, cc) -> tuple[list[dict], dict, list[str]]:
+    """(rules for compute capability cc, {(class, m): (fwd, bwd)}, warnings), choosing among ``paths``."""
     rules, choice, warn = [], {}, []
     for cls in CLASSES:
         group = []
@@ -141,7 +139,21 @@ def generate(doc) -> tuple[list[dict], list[str], list[str]]:
             rules.append({"cc": cc, "dtype": "*", "shape_class": cls, "m_max": m_max, "fwd": fwd, "bwd": bwd,
                           "why": f"{why_f}; {why_b}"})
             choice[(cls, m)] = (fwd, bwd)
-    rules += [{**r, "cc": "*"} for r in rules]
+    return rules, choice, warn
+
+
+def generate(doc) -> tuple[list[dict], list[str], list[str]]:
+    """(rules, violations, warnings): the measured GPU's rules, then the "*" rules for GPUs never measured (the
+    same choice among the paths every GPU has)."""
+    figs, errors, paths = _collect(doc)
+    measured = [k for k in figs if any(i.startswith("qlora_ext[") for i in figs[k])]
+    cc = str(doc.get("gpu", {}).get("capability", "?"))
+    rules, choice, warn = _rules(figs, errors, measured, paths, cc)
+    portable = [p for p in paths if p not in CC_SPECIFIC]
+    if portable == paths:
+        rules += [{**r, "cc": "*"} for r in rules]
+    else:
+        rules += _rules(figs, errors, measured, portable, "*")[0]
     return rules, _check(figs, choice), warn
 
 
@@ -174,8 +186,9 @@ def main(argv=None) -> int:
                  f"(cc {gpu.get('capability')}); "
                  "do not edit. shape_class(n, k): small if n*k <= 2**25, else expand if n >= k, else reduce; a rule "
                  "covers m <= m_max (null: any larger m). fwd/bwd: the path slower than bnb+PEFT in the fewest measured "
-                 "cells, then with the smallest worst-case ratio to the fastest path over the measured shapes and ranks (bwd time = fwd+bwd - fwd). cc '*' rows repeat the "
-                 "measured cc for GPUs never measured; dtype '*': fp16 runs the same kernels and bytes as bf16. "
+                 "cells, then with the smallest worst-case ratio to the fastest path over the measured shapes and ranks "
+                 "(bwd: fwd+bwd times). cc '*' rows, for GPUs never measured, make the same choice among the paths "
+                 "every GPU has (not sm90); dtype '*': fp16 runs the same kernels and bytes as bf16. "
                  f"Cells where these choices are slower than bnb+PEFT: {len(bad)}."),
         "rules": rules,
     }

@@ -99,6 +99,13 @@ def _summary(doc) -> list[str]:
     for shape in dict.fromkeys(k[0] for k, _, _ in slower):
         out.append(f"  - {shape}: " + ", ".join(f"{k[3]} m={k[1]} r={k[2]} {x:.2f}×{'†' if hb else ''}"
                                                 for k, x, hb in slower if k[0] == shape))
+    graphs = _graph_rows(doc)
+    if graphs:
+        slower = [(k, g["qlora_ext"] / g["cublas"]) for k, g in graphs.items() if g["qlora_ext"] > g["cublas"]]
+        out.append(f"Small-m forward, GPU time of CUDA-graph replays: qlora_ext ≤ cuBLAS bf16 in "
+                   f"{len(graphs) - len(slower)} of {len(graphs)} cells" + (
+                       "; slower in: " + ", ".join(f"{k[0]} m={k[1]} r={k[2]} {x:.2f}×" for k, x in slower)
+                       if slower else "."))
     timed = [c for c in doc.get("cells", []) if _ok(c)]
     peaks = defaultdict(dict)
     for c in timed:
@@ -117,6 +124,35 @@ def _summary(doc) -> list[str]:
     out.append(f"Host-bound cells (†): {sum(per.values())} of {len(timed)} timed ("
                + ", ".join(f"{k} {v}" for k, v in per.items() if v) + ").")
     return out + [f"Repeat medians more than 10 % apart (‡): {sum(c.get('spread', 0) > 0.1 for c in timed)} cells."]
+
+
+def _graph_rows(doc) -> dict:
+    """(shape, m, r) -> {implementation: graph ms} for the fwd rows where qlora_ext and cuBLAS have a replay time."""
+    out = {}
+    for key, row in _rows(doc).items():
+        g = {impl: c["graph_ms"] for impl, c in row.items() if _ok(c) and c.get("graph_ms") is not None}
+        if key[3] == "fwd" and "qlora_ext" in g and "cublas" in g:
+            out[key[:3]] = g
+    return out
+
+
+def _graph_section(doc) -> list[str]:
+    graphs = _graph_rows(doc)
+    if not graphs:
+        return []
+    cols = [c for c in _columns(doc) if any(c in g for g in graphs.values())]
+    L = ["## Small-m forward under CUDA graphs", "",
+         "ms per call of the forward captured in a CUDA graph and replayed (same protocol as the layers): the GPU "
+         "time of a call without the host's launch cost, which dominates every column's event timing at this m. "
+         "— = not captured (reason in the JSON's graph_reason).", "",
+         "| shape | m | r | " + " | ".join(map(_sweep.label, cols)) + " | qlora_ext ÷ cuBLAS |",
+         "|" + "---|" * (4 + len(cols))]
+    for k in sorted(graphs, key=lambda k: (_sweep.shape_order(k[0]), k[2], k[1])):
+        g = graphs[k]
+        L.append(f"| {k[0].replace('x', '→')} | {k[1]} | {k[2]} | "
+                 + " | ".join(f"{g[c]:.4f}" if c in g else "—" for c in cols)
+                 + f" | {g['qlora_ext'] / g['cublas']:.2f} |")
+    return L + [""]
 
 
 def _rel(path, start) -> str:
@@ -197,6 +233,7 @@ def render(doc, json_path, png_path=None, md_dir=BENCH_DIR) -> str:
               + ":",
               "",
               *_table(keys, rows, cols, lambda x: f"{x['peak_extra_mib']:.1f}" if _ok(x) else "—"), ""]
+    L += _graph_section(doc)
     why = defaultdict(int)
     for x in cells + doc.get("e2e", []):
         if x["status"] != "ok":

@@ -42,6 +42,8 @@ def synthetic_doc() -> dict:
             row.update(status="ok", reason=None, median_ms=ms, spread=0.15 if c.column == "bf16_peft" else 0.02,
                        samples=60, repeat_ms=[ms] * 3, host_ms=0.02, host_bound=c.column == "bnb_peft" and c.m <= 16,
                        peak_extra_mib=2.0 * c.m * n / 2**20, **({"workspace_mib": 8.0} if "qlora" in c.column else {}))
+            if c.mode == "fwd" and c.m <= 16 and c.column in ("cublas", "qlora_ext"):  # replays: qlora_ext at 1.5x
+                row["graph_ms"] = ms / (3 if c.column == "cublas" else 2)
         cells.append(row)
     cells.append({**cells[-1], "implementation": "bf16_peft", "status": "error", "reason": "RuntimeError: boom"})
     e2e = [{"implementation": c, "batch": 2, "layers": 4, "seq": 2048, "vocab": 32000, "r": 16, "status": "ok",
@@ -104,6 +106,18 @@ def test_policy_prefers_a_path_that_never_loses_to_bnb_peft():
     assert policy._choose(figs, set(), keys, ["a", "b"], "fwd")[0] == "a"
 
 
+def test_policy_rows_for_unmeasured_gpus_never_name_sm90():
+    """sm90 exists on compute capability 9.0 only: it may win the measured GPU's rows, never the "*" rows."""
+    doc = synthetic_doc()
+    doc["cells"] += [{**c, "implementation": "qlora_ext[sm90]", "median_ms": c["median_ms"] / 10}
+                     for c in doc["cells"] if c["implementation"] == "qlora_ext[fused]" and c["status"] == "ok"
+                     and c["mode"] == "fwd" and c["m"] == 2048]
+    rules, _, _ = policy.generate(doc)
+    assert {r["fwd"] for r in rules if r["cc"] == "9.0" and r["m_max"] is None} == {"sm90"}
+    assert all("sm90" not in (r["fwd"], r["bwd"]) for r in rules if r["cc"] == "*")
+    assert all(r["bwd"] != "sm90" for r in rules)
+
+
 def test_report(synth, tmp_path):
     results = tmp_path / "RESULTS.md"
     assert str(results) in report.write(report.load(synth), synth, results_md=str(results))
@@ -114,6 +128,8 @@ def test_report(synth, tmp_path):
     assert "| qlora_ext ÷ bnb+PEFT | qlora_ext ÷ cuBLAS |" in md and "Host-bound cells (†): 24 of" in md
     assert "| bnb+PEFT | 2 | 45.0 | 91,022 | 1.33 |" in md and "RuntimeError: boom" in md and "workspace" in md
     assert "/tmp" not in md and "issue" not in md.lower()
+    assert "Small-m forward, GPU time of CUDA-graph replays: qlora_ext ≤ cuBLAS bf16 in 0 of 12 cells" in md
+    assert "## Small-m forward under CUDA graphs" in md and "| 4096→4096 | 1 | 16 | " in md and " | 1.50 |" in md
     pytest.importorskip("matplotlib")
     assert (tmp_path / "2026-12-01-h200.png").stat().st_size > 10_000
 

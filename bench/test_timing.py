@@ -65,3 +65,21 @@ def test_a_failing_column_leaves_the_rounds_and_the_row_reports_it(monkeypatch):
     assert b.cells[1]["status"] == "error" and "b broke" in b.cells[1]["reason"]
     assert rows[2]["status"] == "error" and "bnb_peft: " in rows[2]["reason"]  # the last item fails, naming it
     assert b.cells[2]["status"] == "skipped"  # the record of the skipped column itself is unchanged
+
+
+def test_small_m_forward_cells_also_time_a_graph_replay(monkeypatch):
+    log = _recorder(monkeypatch, fail=("b_graph",))
+    monkeypatch.setattr(_impls, "Workspace", lambda shape: SimpleNamespace(shape=shape, release=lambda: None))
+    monkeypatch.setattr(_impls, "build", lambda ws, cell: (_fn({"cublas": "a", "bnb_peft": "b"}[cell.column], 0.05), []))
+    monkeypatch.setattr(_harness, "_sanity", lambda cell, outs: None)
+    monkeypatch.setattr(_timing, "host_and_memory", lambda *a: {"host_ms": 0.1, "wall_ms": 0.1, "peak_extra_mib": 0})
+    monkeypatch.setattr(_timing, "graphed", lambda fn: _fn(fn.__name__ + "_graph", fn() / 5))
+    b = _harness.Bench(SimpleNamespace(reference_all_m=False, log=print))
+    cells = _sweep.plan(("4096x4096",), (16, 2048), (16,), ("fwd",), ("cublas", "bnb_peft"))
+    b.row_sizes = {c.row: 2 for c in cells}
+    rows = [b.run_layer(c, SimpleNamespace(pedantic=None)) for c in cells]
+    assert all(r["status"] == "ok" for r in rows)  # a replay that fails is recorded, the cell stays timed
+    assert b.cells[0]["median_ms"] == 0.05 and b.cells[0]["graph_ms"] == 0.01
+    assert "graph_ms" not in b.cells[1] and "b_graph broke" in b.cells[1]["graph_reason"]
+    assert "graph_ms" not in b.cells[2] and "graph_ms" not in b.cells[3]  # m = 2048: no graph
+    assert {x[0] for x in log} == {"a", "b", "a_graph", "b_graph"}

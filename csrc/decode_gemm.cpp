@@ -83,11 +83,6 @@ at::Tensor decoded(const OptionalTensorList& w, int64_t n, int64_t k, const at::
   return out;
 }
 
-at::Tensor lora_dropout(const at::Tensor& t, double dropout_p, int64_t seed) {
-  static const auto op = find_op<at::Tensor(const at::Tensor&, double, int64_t)>("qlora_ext::_lora_dropout");
-  return op.call(t, dropout_p, seed);
-}
-
 // The checks of the fused kernels' wrappers (x first): the path serves the same calls. -> (m, k, n).
 std::tuple<int64_t, int64_t, int64_t> check_path_args(const char* op, const at::Tensor& x, const at::Tensor& lora_A,
                                                       const at::Tensor& lora_B, double dropout_p) {

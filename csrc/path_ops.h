@@ -36,6 +36,13 @@ c10::TypedOperatorHandle<Fn> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
+// dropout(x) through the _lora_dropout op (csrc/lora_dropout.cu): the counter-based mask (idx = row·k + col) that
+// every path and the reference share.
+inline at::Tensor lora_dropout(const at::Tensor& x, double dropout_p, int64_t seed) {
+  static const auto op = find_op<at::Tensor(const at::Tensor&, double, int64_t)>("qlora_ext::_lora_dropout");
+  return op.call(x, dropout_p, seed);
+}
+
 // The scope of host code that composes ops: below autograd (its results are kernel outputs, never differentiated
 // through, so nested ops skip the autograd layer and record no graph) and without autocast (the ops compute in
 // their inputs' dtypes by contract, also when a backward runs inside an autocast region).
@@ -50,7 +57,7 @@ struct KernelScope {
 // allocates no weight-sized memory in the steady state. Calls on one stream are ordered, so reuse by the next call
 // is safe; the contents are not kept between calls. While the stream is being captured into a CUDA graph a fresh
 // tensor is returned (from the graph's pool) and nothing is cached.
-enum class ScratchSlot : int { kDecodedWeight = 0, kGemvPartials = 1 };
+enum class ScratchSlot : int { kDecodedWeight = 0, kGemvPartials = 1, kSm90 = 2 };
 at::Tensor stream_scratch(ScratchSlot slot, int64_t numel, const at::TensorOptions& opts);
 
 }  // namespace qlora_ext

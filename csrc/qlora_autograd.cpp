@@ -30,6 +30,7 @@ constexpr Path kPaths[] = {
     {"fused", "qlora_ext::_fused_fwd", "qlora_ext::_fused_bwd"},
     {"decode_gemm", "qlora_ext::_decode_gemm_fwd", "qlora_ext::_decode_gemm_bwd"},
     {"gemv", "qlora_ext::_gemv_fwd", nullptr},
+    {"sm90", "qlora_ext::_sm90_fwd", nullptr},  // a kernel only in 9.0a builds; policy.supports says when
 };
 constexpr int64_t kNumPaths = static_cast<int64_t>(std::size(kPaths));
 

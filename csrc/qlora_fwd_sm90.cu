@@ -21,21 +21,21 @@
 //           warpgroups of 64 n-rows each), persistent tile scheduler. pick_tile() chooses; QLORA_EXT_SM90_TILE
 //           overrides. 128x256 halves the decode work per MMA (nf4_probe.cu: it stays within 3 % of uniform int4 there,
 //           128x128 loses 9-20 %), 128x128 keeps more SMs busy when 128x256 tiles do not fill the GPU.
-//   weights QLORA_EXT_SM90_WLAYOUT=stored (default): TMA reads bnb's bytes as they are, K-major [n][k/2]. A thread's
-//           8 values of one wgmma k-block then sit in 4 separate bytes of shared memory (rows g, g+8 x k-pairs 2t,
-//           2t+8), so CUTLASS's copy does 4 one-byte loads per 8 values. =repacked: a per-call kernel moves the bytes
-//           (never splitting one) into CUTLASS's fragment order (nf4_fragment_atom), one 32-bit load per 8 values, at
-//           the price of 1 B/weight more traffic per call (read + write of the packed weight) and a workspace.
+//   weights stored: TMA reads bnb's bytes as they are, K-major [n][k/2]. A thread's 8 values of one wgmma k-block
+//           then sit in 4 separate bytes of shared memory (rows g, g+8 x k-pairs 2t, 2t+8), so CUTLASS's copy does
+//           4 one-byte loads per 8 values. repacked (the default where n % 16 == 0, see pick_wlayout): a per-call
+//           kernel moves the bytes (never splitting one) into CUTLASS's fragment order (nf4_fragment_atom), one 32-bit
+//           load per 8 values, at the price of 1 B/weight more traffic per call (read + write of the packed weight)
+//           and a workspace. QLORA_EXT_SM90_WLAYOUT=stored|repacked overrides.
 //   Both decode with the same converter: in either layout byte i of a thread's word holds fragment values 2i, 2i+1.
 //   SASS of this build (per consumer thread and k-tile, 32 weights): stored 16 LDS.U8 + 12 PRMT to assemble the words,
 //   repacked 4 LDS.32; the k-tile loop is ~155 vs ~130 instructions at 128x256 (~137 vs ~124 at 128x128), of which the
 //   decode is 64 PRMT + 16 HMUL2 in both. Whether the stored variant's extra ~20 % hides under the wgmmas is what the
 //   probe measures.
 //
-// Workspace (sm90_workspace): one byte buffer per (device, dtype, stream), grown to the largest layer seen and reused by
-// every later call, like the decode + cuBLAS path's: [scales [k/64][n] in x's dtype][repacked w, n*k/2 B (repacked only)][CUTLASS
-// workspace]. Keying by stream keeps concurrent streams apart; within one stream, stream order makes reuse safe. It is
-// kept for the life of the process (no release hook in v1; a CUDA-graph capture must not be the first, growing call).
+// Workspace: the paths' shared scratch (stream_scratch, csrc/path_ops.h; counted by qlora_ext.workspace_bytes(), freed
+// by qlora_ext.release_workspace()), one byte buffer per (device, stream) for this path, grown to the largest layer
+// seen: [scales [k/64][n] in x's dtype][repacked w, n*k/2 B (repacked only)][CUTLASS workspace].
 //
 // Alignment (TMA: 16-byte base and row pitch of every tensor it reads or writes): k % 64 == 0 (the NF4 block; also makes
 // w's rows 16-byte multiples), n % 8 == 0 (rows of y and of the scale tensor), n % 16 == 0 with repacked weights (the
@@ -49,8 +49,6 @@
 // Registers: the build log (-Xptxas=-v; the launch bound is 168, consumers raise theirs with setmaxnreg); 0 spills.
 #include <atomic>
 #include <cstdlib>
-#include <map>
-#include <mutex>
 #include <string>
 #include <tuple>
 
@@ -77,6 +75,7 @@
 #include "common/nf4.cuh"
 #include "common/nf4_sm90.cuh"
 #include "common/nf4_tensors.h"
+#include "path_ops.h"
 
 namespace qlora_ext {
 namespace {
@@ -146,41 +145,45 @@ __global__ void __launch_bounds__(kScaleTile * 8) nf4_scale_kernel(const __grid_
 
 // ---- per-call repack (WLayout::kRepacked): bnb bytes -> the fragment-ordered layout the GEMM's TMA reads ------------
 // The layout is nf4_fragment_atom() (16 rows x 16 k = 128 bytes, one warp's wgmma fragments) tiled over [n, k] by
-// cute::tile_to_shape. A CTA gathers 16 rows x 256 k (16 atoms) into shared memory byte by byte, then writes each
-// atom as 128 contiguous bytes where the tiled layout puts it. Bytes are moved whole (their nibble order is bnb's).
-constexpr int kRepackK = 256;
+// cute::tile_to_shape. One thread per atom: it loads the atom's 16 row pieces (8 bytes each; consecutive threads
+// take consecutive atoms along k, so a warp reads 256 contiguous bytes per row), moves every byte to its fragment
+// position in registers (all positions are compile-time constants: the loops unroll and the atom layout is
+// static), and stores the atom's 128 bytes where the tiled layout puts it. Bytes are moved whole (their nibble
+// order is bnb's). No shared memory: the first version gathered through smem byte by byte, 2 KB per CTA, and took
+// 65-86 µs for 4096 x 14336 (H200); the traffic floor is 29 MB in + 29 MB out, ~14 µs.
 using FragmentAtom = decltype(nf4_fragment_atom<cutlass::bfloat16_t>());
 static_assert(cute::is_same_v<FragmentAtom, decltype(nf4_fragment_atom<cutlass::half_t>())>,
               "bf16 and fp16 wgmma fragments have the same thread-value layout");
+static_assert(cute::size(FragmentAtom{}) == 256, "the repack moves 16 x 16 atoms");
 using RepackedWLayout = decltype(cute::tile_to_shape(FragmentAtom{}, cute::make_shape(int{}, int{}, int{})));
 
 __host__ __device__ inline RepackedWLayout repacked_w_layout(int64_t n, int64_t k) {
   return cute::tile_to_shape(FragmentAtom{}, cute::make_shape(int(n), int(k), 1));
 }
 
-__global__ void __launch_bounds__(256) nf4_repack_kernel(const __grid_constant__ QloraFwdSm90Params p) {
-  constexpr int kAtoms = kRepackK / 16;
-  __shared__ __align__(16) uint8_t atoms[kAtoms][128];
-  const int tid = threadIdx.x;
-  const int64_t row0 = int64_t(blockIdx.x) * 16, k0 = int64_t(blockIdx.y) * kRepackK;  // x: row groups, y: k
+constexpr int kRepackThreads = 256;
+
+__global__ void __launch_bounds__(kRepackThreads) nf4_repack_kernel(const __grid_constant__ QloraFwdSm90Params p) {
+  const int64_t atoms_k = p.k / 16;
+  const int64_t atom = int64_t(blockIdx.x) * kRepackThreads + threadIdx.x;  // k-fastest
+  if (atom >= (p.n / 16) * atoms_k) return;
+  const int64_t row0 = atom / atoms_k * 16, k0 = atom % atoms_k * 16;
+  uint2 in[16];  // row r of the atom: 16 k = 8 packed bytes
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {  // 16 rows x 32 words (8 k each) of packed w
-    const int word = tid + 256 * i, r = word / 32, w = word % 32;
-    if (k0 + 8 * w >= p.k) continue;
-    const uint32_t bytes =
-        *reinterpret_cast<const uint32_t*>(p.w.w_nf4 + ((row0 + r) * p.k + k0 + 8 * w) / 2);
+  for (int r = 0; r < 16; ++r) in[r] = *reinterpret_cast<const uint2*>(p.w.w_nf4 + ((row0 + r) * p.k + k0) / 2);
+  uint32_t out[32] = {};
 #pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const int k_local = 8 * w + 2 * b;  // even: the byte's first (high-nibble) element
-      atoms[k_local / 16][FragmentAtom{}(r, k_local % 16) / 2] = static_cast<uint8_t>(bytes >> (8 * b));
+  for (int r = 0; r < 16; ++r) {
+#pragma unroll
+    for (int b = 0; b < 8; ++b) {  // byte b of row r: elements 2b (high nibble) and 2b + 1
+      const int dst = FragmentAtom{}(r, 2 * b) / 2;
+      const uint32_t byte = ((b < 4 ? in[r].x : in[r].y) >> (8 * (b % 4))) & 0xFFu;
+      out[dst / 4] |= byte << (8 * (dst % 4));
     }
   }
-  __syncthreads();
-  const int atom = tid / 16, chunk = tid % 16;  // 16 threads x 8 bytes per atom
-  const int64_t k_atom = k0 + 16 * atom;
-  if (k_atom >= p.k) return;
-  const int64_t base = repacked_w_layout(p.n, p.k)(int(row0), int(k_atom), 0) / 2;
-  *reinterpret_cast<uint2*>(p.w_repacked + base + 8 * chunk) = *reinterpret_cast<const uint2*>(&atoms[atom][8 * chunk]);
+  uint4* dst = reinterpret_cast<uint4*>(p.w_repacked + repacked_w_layout(p.n, p.k)(int(row0), int(k0), 0) / 2);
+#pragma unroll
+  for (int c = 0; c < 8; ++c) dst[c] = make_uint4(out[4 * c], out[4 * c + 1], out[4 * c + 2], out[4 * c + 3]);
 }
 
 // ---- the NF4 GEMM: CUTLASS types of one (dtype, tile, weight layout) instance ----------------------------------------
@@ -292,10 +295,13 @@ Sm90Tile pick_tile(int64_t m, int64_t n, int sm_count) {
   return wide_tiles >= sm_count ? Sm90Tile::k128x256 : Sm90Tile::k128x128;
 }
 
-// QLORA_EXT_SM90_WLAYOUT=stored (default) | repacked (read on every call).
-WLayout pick_wlayout() {
+// Default: repacked where it can be (n % 16 == 0), else stored. The GEMM reads the repacked layout 6-20 % faster
+// (H200 probe, 2026-12-01); the repack costs a read and a write of the packed weight per call, ~14 µs at the
+// traffic floor for 4096 x 14336. QLORA_EXT_SM90_WLAYOUT=stored | repacked overrides (read on every call).
+WLayout pick_wlayout(int64_t n) {
   const char* env = std::getenv("QLORA_EXT_SM90_WLAYOUT");
-  if (env == nullptr || *env == '\0' || std::string(env) == "stored") return WLayout::kStored;
+  if (env == nullptr || *env == '\0') return n % 16 == 0 ? WLayout::kRepacked : WLayout::kStored;
+  if (std::string(env) == "stored") return WLayout::kStored;
   TORCH_CHECK(std::string(env) == "repacked", "qlora_linear: QLORA_EXT_SM90_WLAYOUT must be stored or repacked, got '",
               env, "'");
   return WLayout::kRepacked;
@@ -305,21 +311,6 @@ WLayout pick_wlayout() {
 constexpr int64_t kCarveAlign = 256;  // every workspace region starts on a 256-byte boundary (TMA wants 16)
 
 int64_t carve_bytes(int64_t bytes) { return ceil_div(bytes, kCarveAlign) * kCarveAlign; }
-
-// The byte buffer for (device, dtype, current stream), at least `bytes` long (see the header). The map is heap-held
-// and never destroyed: its tensors must not be freed by static destructors after the CUDA allocator is gone.
-at::Tensor sm90_workspace(const at::Device& device, at::ScalarType dtype, int64_t bytes) {
-  static std::mutex mutex;
-  static auto* buffers = new std::map<std::tuple<int, int, int64_t>, at::Tensor>();
-  const int64_t stream_id = c10::cuda::getCurrentCUDAStream(device.index()).id();
-  const std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& buf = (*buffers)[{device.index(), static_cast<int>(dtype), stream_id}];
-  if (!buf.defined() || buf.numel() < bytes) {
-    buf = at::Tensor();  // hand the smaller buffer back to the caching allocator before taking the larger one
-    buf = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
-  }
-  return buf;
-}
 
 // ---- launcher --------------------------------------------------------------------------------------------------------
 // The only launch site of this file's kernels: scale decode, repack (kRepacked), NF4 GEMM, in stream order.
@@ -333,19 +324,11 @@ void launch_qlora_fwd_sm90(const QloraFwdSm90Params& p, at::ScalarType dtype, co
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (p.wlayout == WLayout::kRepacked) {
-    const dim3 grid(static_cast<unsigned>(p.n / 16), static_cast<unsigned>(ceil_div(p.k, kRepackK)));
-    nf4_repack_kernel<<<grid, 256, 0, stream>>>(p);
+    const int64_t atoms = (p.n / 16) * (p.k / 16);
+    nf4_repack_kernel<<<static_cast<unsigned>(ceil_div(atoms, kRepackThreads)), kRepackThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   dispatch_gemm(dtype, p.tile, p.wlayout, [&](auto gemm) { decltype(gemm)::run(p, hw, stream); });
-}
-
-// u = dropout(x) through the _lora_dropout op (csrc/lora_dropout.cu): the same counter mask, idx = row * k + col.
-at::Tensor lora_dropout(const at::Tensor& x, double dropout_p, int64_t seed) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("qlora_ext::_lora_dropout", "")
-                             .typed<at::Tensor(const at::Tensor&, double, int64_t)>();
-  return op.call(x, dropout_p, seed);
 }
 
 // Op qlora_ext::_sm90_fwd (schema: csrc/ops.cpp) -> (y [m, n], u [m, r]) in x's dtype; the contract of _fused_fwd.
@@ -360,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor> sm90_fwd(const at::Tensor& x, const OptionalT
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(prop->major == 9 && prop->minor == 0, kOp, ": the sm90 path runs on compute capability 9.0 (H100/H200) "
               "only, this GPU is ", prop->major, ".", prop->minor);
-  const WLayout wlayout = pick_wlayout();
+  const WLayout wlayout = pick_wlayout(n);
   const int64_t n_multiple = wlayout == WLayout::kRepacked ? 16 : 8;
   TORCH_CHECK(n % n_multiple == 0, kOp, ": the sm90 path needs out_features n % ", n_multiple, " == 0 (TMA rows of ",
               wlayout == WLayout::kRepacked ? "the repacked weight" : "y", "), got n = ", n);
@@ -393,8 +376,8 @@ std::tuple<at::Tensor, at::Tensor> sm90_fwd(const at::Tensor& x, const OptionalT
   const int64_t repack_bytes = wlayout == WLayout::kRepacked ? carve_bytes(n * k / 2) : 0;
   size_t gemm_bytes = 0;
   dispatch_gemm(x.scalar_type(), p.tile, p.wlayout, [&](auto gemm) { gemm_bytes = decltype(gemm)::workspace_bytes(p, hw); });
-  const at::Tensor ws = sm90_workspace(x.device(), x.scalar_type(),
-                                       scale_bytes + repack_bytes + carve_bytes(static_cast<int64_t>(gemm_bytes)));
+  const at::Tensor ws = stream_scratch(ScratchSlot::kSm90, scale_bytes + repack_bytes +
+                                       carve_bytes(static_cast<int64_t>(gemm_bytes)), x.options().dtype(at::kByte));
   uint8_t* base = ws.data_ptr<uint8_t>();
   p.w_scale = base;
   p.w_repacked = wlayout == WLayout::kRepacked ? base + scale_bytes : nullptr;

@@ -1,7 +1,14 @@
-// Small-m decode forward (1 <= m <= 32, no grad), one kernel launch:
-//   u = dropout(x)·lora_Aᵀ  (rounded to x's dtype),   y = x·wᵀ + s·(u·lora_Bᵀ) + bias   (one rounding).
-// Twin: qlora_ext.reference.qlora_linear. Every decoded weight equals reference.dequantize_nf4 bit for bit;
-// y and u are fp32-accumulated (u: deterministic order, rounded once; the expand uses that rounded u).
+// Small-m decode forward (1 <= m <= 32, no grad): u on cuBLAS, then one kernel launch for y.
+//   u = dropout(x)·lora_Aᵀ  (cuBLAS, fp32-accumulated, rounded to x's dtype once; dropout by _lora_dropout),
+//   y = x·wᵀ + s·(u·lora_Bᵀ) + bias   (this kernel; one rounding; the expand uses the rounded u).
+// Twin: qlora_ext.reference.qlora_linear. Every decoded weight equals reference.dequantize_nf4 bit for bit.
+//
+// Why u is not computed in the kernel any more: it was (a lora warp per CTA, per-chunk partials, a last arrival
+// announcing u to every rowgroup), and whenever u was complete only after a rowgroup's partial sums, the warp that
+// completed u finalized every such rowgroup alone, one tile after another. On the H200 (2026-12-01 sweep) that
+// took 0.11-0.19 ms for 4096→1024 (m = 1, 16; the decode alone is a few µs) and 0.41 / 0.79 ms for 14336→4096 /
+// 28672→8192 at m = 16, r = 64, against 0.03-0.04 ms for the shapes where u was early. With u ready at launch
+// every CTA finalizes its own tiles (S = 1) or the last split of a rowgroup does (S > 1), in parallel.
 //
 // Floors, H200, 4096 -> 14336 (n·k = 58.7 M weights):
 //   bytes : NF4 29.4 MB + uint8 absmax 0.92 MB = 30.3 MB -> 7.1 us at the measured 4.27 TB/s.
@@ -24,15 +31,12 @@
 //     ring (3 units = 6 KB in flight per warp, 6-9 MB on the chip: covers the DRAM latency).
 //     A tile one warp covered alone goes to smem when done; tiles shared by warps are summed at the end from
 //     per-warp head/tail slots in warp (= k) order. No float atomics: y is bit-reproducible run to run.
-//   - warp DW, the lora warp, computes u: job (u-tile j = 16 ranks, chunk c) = the same mma scheme with lora_A
-//     rows as A and dropout(x) as B; per-chunk partials go to ws_u, the last job of a u-tile sums them in chunk
-//     order, rounds, writes u and u_pad; the last u-tile then arrives once on every rowgroup counter. Jobs are
-//     dealt over the CTAs of a split (r = 16, k = 4096: 16 jobs of 8 KB on 16 CTAs; u is ready after ~5 us).
-//   - rowgroup finalization needs its S partial sums and u: y = acc + s·(lora_B rows · u_padᵀ) (one more mma,
-//     k = rank) + bias, rounded once. S == 1 (decode): the lora warp polls its rowgroup counter during the second
-//     half of the stream; once u's arrival shows, it copies u_pad to smem and the CTA finalizes from smem. If u
-//     is late, or S > 1, partials go to ws_y and the last of the S + 1 arrivals finalizes. Nothing ever waits
-//     for another CTA: no co-residency assumption, no deadlock under any scheduling or sharing of the GPU.
+//   - warp DW, the lora warp, loads the CTA's lora_B rows and bias into smem for the epilogue; every CTA copies
+//     u (zero-padded to r_pad ranks) into smem at the start.
+//   - rowgroup finalization: y = acc + s·(lora_B rows · uᵀ) (one more mma, k = rank) + bias, rounded once.
+//     S == 1: the CTA finalizes its tiles from smem. S > 1: partials go to ws_y and the last of the S arrivals on
+//     the rowgroup's counter finalizes. Nothing ever waits for another CTA: no co-residency assumption, no
+//     deadlock under any scheduling or sharing of the GPU.
 //   - every counter is put back to zero by its last user, so the counter block is cached per (device, stream)
 //     and no memset runs per call (a fresh zeroed block is used while a CUDA graph is being captured).
 //
@@ -56,7 +60,6 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
-#include "common/dropout.cuh"
 #include "common/elem.cuh"
 #include "common/mma_sm80.cuh"
 #include "common/nf4.cuh"
@@ -82,21 +85,16 @@ constexpr int kMaxM = 32;
 struct GemvParams {
   const void* x;           // [m, k] T, row-major
   NF4View w;               // [n, k] NF4 storage (common/nf4.cuh)
-  const void* lora_A;      // [r, k] T
   const void* lora_B;      // [n, r] T
   const void* bias;        // [n] T or nullptr
   void* y;                 // [m, n] T   (out)
-  void* u;                 // [m, r] T   (out)
-  // Workspace. ws_* and u_pad are fully rewritten by every launch. *_count are zero on entry and are put back
-  // to zero by their last user, so the block can be reused by the next launch on the stream without a memset.
+  const void* u;           // [m, r] T   dropout(x)·lora_Aᵀ, written before the launch (stream order)
+  // Workspace. ws_y is fully rewritten by every launch (S > 1 only). rg_count is zero on entry and put back to zero
+  // by its last user, so the block can be reused by the next launch on the stream without a memset.
   float* ws_y;             // [S][tiles][32 lanes][4·NT] fp32 tile partials, mma C-fragment order
-  float* ws_u;             // [utiles][ck][32 lanes][4·NT] fp32 per-chunk partials of uᵀ
-  void* u_pad;             // [m][r_pad] T: rounded u, zero in columns r..r_pad-1 (B operand of the expand)
-  int* rg_count;           // [R]      arrivals per rowgroup: S partial sums + 1 "u written"
-  int* utile_count;        // [utiles] arrivals per 16-rank u tile: one per chunk job
-  int* u_count;            // [1]      finished u tiles
+  int* rg_count;           // [R]      arrivals per rowgroup: its S partial sums
   int64_t n, k, nblocks;   // nblocks = n·k/64
-  int m, r, r_pad, kb, ck, tiles, utiles;  // kb = k/64, ck = ceil(k/256), tiles = ceil(n/16), r_pad = utiles·16
+  int m, r, r_pad, kb, ck, tiles;  // kb = k/64, ck = ceil(k/256), tiles = ceil(n/16), r_pad = ceil(r/16)·16
   int splits, rowgroups;   // S, R: grid = S·R CTAs, CTA b -> rowgroup b / S, split b % S
   int xs_stride;           // elements per smem row of x (ceil(ck/S)·256)
   int tail_segs;           // 16-byte segments per row in the last chunk: (k - (ck-1)·256) / 32
@@ -104,17 +102,14 @@ struct GemvParams {
   int abs_bytes;           // absmax window bytes per row: 8 (uint8, double quant) or 32 (fp32)
   int off_stage, off_acc, off_lora_b, off_bias, off_u, off_nested, off_ncode, off_code, off_misc;  // smem carve
   float scaling;           // s
-  DropoutParams dropout;   // the mask on x in the u product
   uint32_t k3210;          // 0x32103210, the prmt identity selector, passed at run time so that ptxas keeps it in
                            // a register and the decode's selector build is one lop3 (two immediates do not fit)
 };
 
 // CTA-private flags in smem.
 struct CtaMisc {
-  int progress;            // units finished by the decode warps (tells the lora warp when the end is near)
-  int u_in_smem;           // lora warp saw "u written" and copied u_pad into smem
   int last;                // this CTA is the last arrival of its rowgroup
-  int pad;
+  int pad[3];
 };
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -130,15 +125,6 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
-// ld.acquire.gpu: read a counter another CTA released with fence + atomic; later loads see what it published.
-__device__ __forceinline__ int ld_acquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// ld.global.nc.v4: lora_A rows (read once, 16 B aligned).
-__device__ __forceinline__ uint4 ldg_128(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
 // mma.sync m16n8k16 through common/mma_sm80.cuh, taking the four A registers by value.
 template <typename T>
@@ -216,7 +202,7 @@ __device__ __forceinline__ int rg_tile_begin(const GemvParams& p, int rg) {
 
 __device__ __forceinline__ CtaGeom cta_geom(const GemvParams& p) {
   CtaGeom c;
-  c.rg = blockIdx.x / p.splits;  // rowgroup-major: u jobs go to low rowgroups, which are in the first wave
+  c.rg = blockIdx.x / p.splits;  // rowgroup-major: the S splits of a rowgroup are neighbours in the launch order
   c.ks = blockIdx.x % p.splits;
   c.c0 = static_cast<int>(static_cast<int64_t>(c.ks) * p.ck / p.splits);
   c.cks = static_cast<int>(static_cast<int64_t>(c.ks + 1) * p.ck / p.splits) - c.c0;
@@ -239,13 +225,6 @@ __device__ __forceinline__ int warp_unit_begin(int units, int w) {
 __device__ __forceinline__ int xs_chunk(int j, int mm) { return (j & ~7) | ((j ^ ((j >> 3) & 3) ^ (mm << 2)) & 7); }
 
 __device__ __forceinline__ int x_row(int m, int nt) { return min(nt * 8 + ((threadIdx.x & 31) >> 2), m - 1); }
-
-// B operand for word i (8 k) of this thread's block in local chunk cl: x[nt·8+g][cl·256 + 64t + 8i, +8).
-__device__ __forceinline__ uint4 load_x_frag(const unsigned char* x_s, int row_bytes, int m, int nt, int cl, int i) {
-  const int t = threadIdx.x & 3;
-  const int mm = x_row(m, nt);
-  return *reinterpret_cast<const uint4*>(x_s + mm * row_bytes + (xs_chunk(cl * 32 + 8 * t + i, mm) << 4));
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // Decode warps: stream, decode, multiply
@@ -444,7 +423,7 @@ __device__ __forceinline__ void decode_prologue(const GemvParams& p, const CtaGe
 // Main loop of a decode warp over units [ua, ub). A finished tile goes to acc_s when the warp covered it whole;
 // the first (head) and last (tail) tile of the range may be shared with neighbours and go to the warp's slots.
 template <typename T, int NT>
-__device__ void decode_main(const GemvParams& p, const CtaGeom& cta, unsigned char* smem, CtaMisc* misc,
+__device__ void decode_main(const GemvParams& p, const CtaGeom& cta, unsigned char* smem,
                             IssueCursor& ic, int ua, int ub, uint64_t pol, const float* nested_s, int64_t nested_lo,
                             float offset) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
@@ -470,7 +449,6 @@ __device__ void decode_main(const GemvParams& p, const CtaGeom& cta, unsigned ch
     process_unit<T, NT>(p, cta, dc, ring + (static_cast<unsigned>(u - ua) % kStages) * p.slot_bytes, smem, code_s,
                         nested_s, ncode_s, offset, p.k3210, acc);
     __syncwarp();  // every lane is done with the slot before it is refilled
-    if (lane == 0) atomicAdd(&misc->progress, 1);
     if (++dc.cl == cta.cks && u + 1 < ub) {  // tile finished mid-range: all ours (-> smem) or our head
       if (owned(dc.tl)) {
         store_frag<NT>(acc_s + dc.tl * 32 * 4 * NT, acc);
@@ -506,7 +484,7 @@ __device__ void decode_main(const GemvParams& p, const CtaGeom& cta, unsigned ch
 // Epilogue: y tile = partial + s·(lora_B rows · uᵀ) + bias
 // ---------------------------------------------------------------------------------------------------------
 // lora_b_rows: lora_B row 16·tau (smem slice or global), row stride r. bias_rows: bias + 16·tau or nullptr.
-// u_rows: [m][r_pad] (smem or global). Generic pointers: the common path reads smem, the rare ones global.
+// u_rows: [m][r_pad] in smem. lora_b_rows and bias_rows are generic pointers: smem (S == 1) or global (S > 1).
 template <typename T, int NT>
 __device__ void epilogue_tile(const GemvParams& p, int tau, const float (&acc)[NT][4], const T* lora_b_rows,
                               const T* bias_rows, const T* u_rows) {
@@ -553,141 +531,16 @@ __device__ void epilogue_tile(const GemvParams& p, int tau, const float (&acc)[N
     }
 }
 
-// Rare path (u late, or S > 1): sum the S partials of a tile from ws_y in split order, operands from global.
+// S > 1 (the last split of the rowgroup): sum the S partials of a tile from ws_y in split order; lora_B and bias
+// from global, u from this CTA's smem copy.
 template <typename T, int NT>
-__device__ void finalize_tile_global(const GemvParams& p, int tau) {
+__device__ void finalize_tile_global(const GemvParams& p, int tau, const T* u_s) {
   float acc[NT][4] = {};
   for (int ks = 0; ks < p.splits; ++ks)
     add_frag<NT>(acc, p.ws_y + (static_cast<int64_t>(ks) * p.tiles + tau) * 32 * 4 * NT);
   const T* lora_b = reinterpret_cast<const T*>(p.lora_B) + static_cast<int64_t>(tau) * kTileRows * p.r;
   const T* bias = p.bias ? reinterpret_cast<const T*>(p.bias) + static_cast<int64_t>(tau) * kTileRows : nullptr;
-  epilogue_tile<T, NT>(p, tau, acc, lora_b, bias, reinterpret_cast<const T*>(p.u_pad));
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Lora warp: u = dropout(x)·lora_Aᵀ
-// ---------------------------------------------------------------------------------------------------------
-// dropout(x) for one B fragment (8 consecutive k of row mm, starting at kk0): keep ? T(fp32(x)·fp32(1/(1-p))) : 0,
-// the counter-based mask of common/dropout.cuh.
-template <typename T>
-__device__ __forceinline__ uint4 dropout_frag(const GemvParams& p, uint4 v, int mm, int64_t kk0) {
-  uint32_t wv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    uint32_t out = 0u;
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const uint64_t idx =
-          static_cast<uint64_t>(mm) * static_cast<uint64_t>(p.k) + static_cast<uint64_t>(kk0 + 2 * e + hh);
-      const uint16_t xb = static_cast<uint16_t>(wv[e] >> (16 * hh));
-      const uint16_t db = p.dropout.keep(idx)
-                              ? Elem<T>::from_float(__fmul_rn(Elem<T>::to_float(xb), p.dropout.inv_keep))
-                              : uint16_t(0);
-      out |= static_cast<uint32_t>(db) << (16 * hh);
-    }
-    wv[e] = out;
-  }
-  return make_uint4(wv[0], wv[1], wv[2], wv[3]);
-}
-
-// Last u job of u-tile j: sum the ck chunk partials in chunk order, round, write u and u_pad; the last u tile
-// then announces "u written" to every rowgroup (finalizing those whose partials are already all in).
-template <typename T, int NT>
-__device__ void finish_utile(const GemvParams& p, int j) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  float s[NT][4] = {};
-  for (int c = 0; c < p.ck; ++c)
-    add_frag<NT>(s, p.ws_u + (static_cast<int64_t>(j) * p.ck + c) * 32 * 4 * NT);
-  uint16_t* u_out = reinterpret_cast<uint16_t*>(p.u);
-  uint16_t* u_pad = reinterpret_cast<uint16_t*>(p.u_pad);
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int rr = 16 * j + g + 8 * (e >> 1), mm = nt * 8 + 2 * t + (e & 1);  // uᵀ[rr][mm]
-      if (mm < p.m) {
-        const uint16_t b = rr < p.r ? Elem<T>::from_float(s[nt][e]) : uint16_t(0);
-        if (rr < p.r) u_out[static_cast<int64_t>(mm) * p.r + rr] = b;
-        u_pad[static_cast<int64_t>(mm) * p.r_pad + rr] = b;
-      }
-    }
-  if (lane == 0) p.utile_count[j] = 0;  // all ck arrivals are in: reset for the next launch
-  __threadfence();
-  __syncwarp();
-  int old = 0;
-  if (lane == 0) old = atomicAdd(p.u_count, 1);
-  old = __shfl_sync(0xffffffffu, old, 0);
-  if (old != p.utiles - 1) return;
-  // u is complete. Arrive on every rowgroup; the arrival that completes one finalizes it.
-  if (lane == 0) *p.u_count = 0;
-  __threadfence();
-  for (int base = 0; base < p.rowgroups; base += 32 * 4) {
-    int olds[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {  // four independent atomics per lane in flight
-      const int rg = base + 32 * q + lane;
-      olds[q] = rg < p.rowgroups ? atomicAdd(p.rg_count + rg, 1) : -1;
-    }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      unsigned done = __ballot_sync(0xffffffffu, olds[q] == p.splits);
-      while (done != 0u) {
-        const int rg = base + 32 * q + __ffs(done) - 1;
-        done &= done - 1u;
-        __threadfence();
-        for (int tau = rg_tile_begin(p, rg); tau < rg_tile_begin(p, rg + 1); ++tau) finalize_tile_global<T, NT>(p, tau);
-        if (lane == 0) p.rg_count[rg] = 0;
-      }
-    }
-  }
-}
-
-// Jobs (u-tile j, chunk c) of this CTA's split, dealt round-robin over its rowgroups. Same fragment scheme as
-// the decode (A = lora_A rows, straight bf16/fp16 from global), B = dropout(x) from the smem slice.
-template <typename T, int NT>
-__device__ void lora_jobs(const GemvParams& p, const CtaGeom& cta, const unsigned char* x_s) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int row_bytes = p.xs_stride * 2;
-  const T* A = reinterpret_cast<const T*>(p.lora_A);
-  const int jobs = p.utiles * cta.cks;
-  for (int v = cta.rg; v < jobs; v += p.rowgroups) {
-    const int j = v / cta.cks, cl = v % cta.cks, c = cta.c0 + cl;
-    const int rr0 = 16 * j + g, rr1 = rr0 + 8;
-    const int64_t kblk = static_cast<int64_t>(c) * kChunkK + 64 * t;  // this thread's 64-wide block of k
-    const bool ok0 = kblk < p.k && rr0 < p.r, ok1 = kblk < p.k && rr1 < p.r;
-    float acc[NT][4] = {};
-#pragma unroll 1  // 8 loads in flight per half is enough for a side job; unrolling both doubles the registers
-    for (int h = 0; h < 2; ++h) {
-      uint4 a0[4], a1[4];
-#pragma unroll
-      for (int ii = 0; ii < 4; ++ii) {  // 8 loads in flight before the first use
-        const int64_t kk = kblk + 32 * h + 8 * ii;
-        a0[ii] = ok0 ? ldg_128(A + rr0 * p.k + kk) : make_uint4(0u, 0u, 0u, 0u);
-        a1[ii] = ok1 ? ldg_128(A + rr1 * p.k + kk) : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int ii = 0; ii < 4; ++ii) {
-        const int i = 4 * h + ii;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint4 xf = load_x_frag(x_s, row_bytes, p.m, nt, cl, i);
-          if (p.dropout.enabled && nt * 8 + g < p.m) xf = dropout_frag<T>(p, xf, nt * 8 + g, kblk + 8 * i);
-          mma4<T>(acc[nt], a0[ii].x, a1[ii].x, a0[ii].y, a1[ii].y, xf.x, xf.y);
-          mma4<T>(acc[nt], a0[ii].z, a1[ii].z, a0[ii].w, a1[ii].w, xf.z, xf.w);
-        }
-      }
-    }
-    store_frag<NT>(p.ws_u + (static_cast<int64_t>(j) * p.ck + c) * 32 * 4 * NT, acc);
-    __threadfence();
-    __syncwarp();
-    int old = 0;
-    if (lane == 0) old = atomicAdd(p.utile_count + j, 1);
-    old = __shfl_sync(0xffffffffu, old, 0);
-    if (old == p.ck - 1) {
-      __threadfence();
-      finish_utile<T, NT>(p, j);
-    }
-  }
+  epilogue_tile<T, NT>(p, tau, acc, lora_b, bias, u_s);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -734,7 +587,16 @@ __global__ void __launch_bounds__((DW + 1) * 32, 1) qlora_gemv_kernel(const __gr
       for (int i = threadIdx.x; i < cnt; i += kThreads) nested_s[i] = __ldg(p.w.nested_absmax + nested_lo + i);
     }
   }
-  if (threadIdx.x == 0) *misc = CtaMisc{0, 0, 0, 0};
+  if (threadIdx.x == 0) *misc = CtaMisc{};
+  // u rows into smem, zero-padded to r_pad ranks (the expand's k); written by the previous launch on the stream.
+  {
+    const uint16_t* u = reinterpret_cast<const uint16_t*>(p.u);
+    uint16_t* u_s = reinterpret_cast<uint16_t*>(smem + p.off_u);
+    for (int idx = threadIdx.x; idx < p.m * p.r_pad; idx += kThreads) {
+      const int mm = idx / p.r_pad, rr = idx % p.r_pad;
+      u_s[idx] = rr < p.r ? u[static_cast<int64_t>(mm) * p.r + rr] : uint16_t(0);
+    }
+  }
   // lora_B rows and bias of this CTA into smem for the epilogue (contiguous byte ranges, 32-byte aligned starts).
   if (warp == kLoraWarp && cta.ntiles > 0) {
     const int64_t lb_bytes = (row_end - row_begin) * p.r * 2;
@@ -763,34 +625,8 @@ __global__ void __launch_bounds__((DW + 1) * 32, 1) qlora_gemv_kernel(const __gr
   }
   __syncthreads();
 
-  // 3. Main work: decode warps stream w; the lora warp computes its u jobs, then (S == 1) watches for u's
-  //    arrival on this rowgroup and copies u_pad next to the partials.
-  if (warp < DW) {
-    decode_main<T, NT>(p, cta, smem, misc, ic, ua, ub, pol, nested_s, nested_lo, offset);
-  } else {
-    lora_jobs<T, NT>(p, cta, smem);
-    if (p.splits == 1 && cta.ntiles > 0) {
-      // Poll this rowgroup's counter from the second half of the CTA's stream until u's arrival shows up (it is
-      // written ~5 us into the launch, the stream takes ~10) or the decode warps are done (then this CTA takes
-      // the publish-and-arrive path below). The loop ends on local progress alone: it never waits on a CTA.
-      const volatile int* progress = &misc->progress;
-      while (*progress < cta.units / 2) __nanosleep(500);
-      for (;;) {
-        const bool done = *progress >= cta.units;
-        if (ld_acquire(p.rg_count + cta.rg) >= 1) {  // every lane acquires: its own u_pad loads follow
-          const int64_t u_vec = static_cast<int64_t>(p.m) * p.r_pad * 2 / 16;
-          const uint4* src = reinterpret_cast<const uint4*>(p.u_pad);
-          uint4* dst = reinterpret_cast<uint4*>(smem + p.off_u);
-          for (int64_t i = lane; i < u_vec; i += 32) dst[i] = src[i];
-          __syncwarp();
-          if (lane == 0) misc->u_in_smem = 1;
-          break;
-        }
-        if (done) break;
-        __nanosleep(1000);
-      }
-    }
-  }
+  // 3. Main work: the decode warps stream w (the lora warp's smem loads are in already).
+  if (warp < DW) decode_main<T, NT>(p, cta, smem, ic, ua, ub, pol, nested_s, nested_lo, offset);
   __syncthreads();
 
   // 4. Tiles shared by several decode warps: sum the contributions in warp (= k) order into acc_s.
@@ -811,10 +647,11 @@ __global__ void __launch_bounds__((DW + 1) * 32, 1) qlora_gemv_kernel(const __gr
   }
   __syncthreads();
 
-  // 5. Finalize. Common case (S == 1, u announced): straight from smem.
+  // 5. Finalize. S == 1: straight from smem.
   const T* lora_b_s = reinterpret_cast<const T*>(smem + p.off_lora_b);
   const T* bias_s = p.bias ? reinterpret_cast<const T*>(smem + p.off_bias) : nullptr;
-  if (p.splits == 1 && misc->u_in_smem) {
+  const T* u_s = reinterpret_cast<const T*>(smem + p.off_u);
+  if (p.splits == 1) {
     for (int tl = warp; tl < cta.ntiles; tl += kWarps) {
       float acc[NT][4];
       const float4* a4 = reinterpret_cast<const float4*>(acc_s + tl * 32 * 4 * NT) + lane * NT;
@@ -824,12 +661,11 @@ __global__ void __launch_bounds__((DW + 1) * 32, 1) qlora_gemv_kernel(const __gr
         acc[nt][0] = v.x; acc[nt][1] = v.y; acc[nt][2] = v.z; acc[nt][3] = v.w;
       }
       epilogue_tile<T, NT>(p, cta.tau0 + tl, acc, lora_b_s + static_cast<int64_t>(tl) * kTileRows * p.r,
-                           bias_s ? bias_s + tl * kTileRows : nullptr, reinterpret_cast<const T*>(smem + p.off_u));
+                           bias_s ? bias_s + tl * kTileRows : nullptr, u_s);
     }
-    if (threadIdx.x == 0) p.rg_count[cta.rg] = 0;  // u's arrival was the only one: reset for the next launch
     return;
   }
-  // Otherwise publish this split's partials and arrive; the last of the S + 1 arrivals finalizes.
+  // S > 1: publish this split's partials and arrive; the last of the S arrivals finalizes.
   if (cta.ntiles > 0) {
     const int n4 = cta.ntiles * 32 * NT;  // float4s
     float4* dst = reinterpret_cast<float4*>(p.ws_y + (static_cast<int64_t>(cta.ks) * p.tiles + cta.tau0) * 32 * 4 * NT);
@@ -838,11 +674,11 @@ __global__ void __launch_bounds__((DW + 1) * 32, 1) qlora_gemv_kernel(const __gr
   }
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) misc->last = atomicAdd(p.rg_count + cta.rg, 1) == p.splits;
+  if (threadIdx.x == 0) misc->last = atomicAdd(p.rg_count + cta.rg, 1) == p.splits - 1;
   __syncthreads();
   if (!misc->last) return;
   __threadfence();
-  for (int tl = warp; tl < cta.ntiles; tl += kWarps) finalize_tile_global<T, NT>(p, cta.tau0 + tl);
+  for (int tl = warp; tl < cta.ntiles; tl += kWarps) finalize_tile_global<T, NT>(p, cta.tau0 + tl, u_s);
   if (threadIdx.x == 0) p.rg_count[cta.rg] = 0;
 }
 
@@ -957,18 +793,19 @@ std::tuple<at::Tensor, at::Tensor> gemv_fwd(const at::Tensor& x, const OptionalT
   const auto [m, n, k, r, has_bias, wt] = check_forward_args(kOp, x, w, lora_A, lora_B, bias, dropout_p);
   TORCH_CHECK(n * k / 2 < (int64_t(1) << 62) && n < (int64_t(1) << 31) - 16, kOp, ": weight too large");
   const bool dq = wt.double_quant;
+  const KernelScope scope;  // the u product below is a kernel-internal op: no autograd, no autocast
 
-  // 16-byte vector paths: x/lora_A rows (k % 64 keeps every row aligned), w_nf4 rows (k/2 bytes), lora_B and
-  // bias slices (start at row 16·tau: 32·tau·r and 32·tau bytes), fp32 absmax windows; uint8 absmax words: 4.
+  // 16-byte vector paths: x rows (k % 64 keeps every row aligned), w_nf4 rows (k/2 bytes), lora_B and bias
+  // slices (start at row 16·tau: 32·tau·r and 32·tau bytes), fp32 absmax windows; uint8 absmax words: 4.
   check_aligned(kOp, "x", x, 16);
   check_aligned(kOp, "w_nf4", wt.w_nf4, 16);
-  check_aligned(kOp, "lora_A", lora_A, 16);
   check_aligned(kOp, "lora_B", lora_B, 16);
   if (has_bias) check_aligned(kOp, "bias", *bias, 16);
   check_aligned(kOp, "absmax", wt.absmax, dq ? 4 : 16);
 
+  // u first, on cuBLAS (see the header for why not in the kernel); the kernel reads it in stream order.
+  const at::Tensor u = at::mm(dropout_p > 0 ? lora_dropout(x, dropout_p, seed) : x, lora_A.t()).contiguous();
   auto y = at::empty({m, n}, x.options());
-  auto u = at::empty({m, r}, x.options());
 
   const int nt = m <= 8 ? 1 : (m <= 16 ? 2 : 4);
   const int abs_bytes = dq ? 8 : 32;
@@ -981,33 +818,25 @@ std::tuple<at::Tensor, at::Tensor> gemv_fwd(const at::Tensor& x, const OptionalT
               ": weight too large for the decode path (one CTA would span 2^30 NF4 blocks)");
 
   const int64_t ck = ceil_div(k, kChunkK), tiles = ceil_div(n, kTileRows);
-  const int64_t utiles = ceil_div(r, 16), r_pad = utiles * 16;
-  // Workspace: the stream's gemv scratch (path_ops.h), so a call allocates only y and u; nothing in it needs
-  // zeroing (every byte read was written earlier in the launch).
-  const int64_t ws_y_bytes = align_up(int64_t(pl.splits) * tiles * 32 * 4 * nt * 4, 256);
-  const int64_t ws_u_bytes = align_up(utiles * ck * 32 * 4 * nt * 4, 256);
-  const int64_t u_pad_bytes = align_up(m * r_pad * 2, 256);
-  const at::Tensor ws = stream_scratch(ScratchSlot::kGemvPartials, ws_y_bytes + ws_u_bytes + u_pad_bytes,
-                                       x.options().dtype(at::kByte));
+  const int64_t r_pad = ceil_div(r, 16) * 16;
+  // Workspace: the split partials (S > 1) in the stream's gemv scratch (path_ops.h), so a call allocates only y
+  // and u; nothing in it needs zeroing (every byte read was written earlier in the launch).
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto counters = gemv_counters(device, stream, pl.rowgroups + utiles + 1);
+  const at::Tensor ws =
+      pl.splits > 1 ? stream_scratch(ScratchSlot::kGemvPartials, int64_t(pl.splits) * tiles * 32 * 4 * nt * 4,
+                                     x.options().dtype(at::kByte))
+                    : at::Tensor();
+  auto counters = gemv_counters(device, stream, pl.rowgroups);
 
   GemvParams p{};
   p.x = x.data_ptr();
   p.w = wt.view();
-  p.lora_A = lora_A.data_ptr();
   p.lora_B = lora_B.data_ptr();
   p.bias = has_bias ? bias->data_ptr() : nullptr;
   p.y = y.data_ptr();
   p.u = u.data_ptr();
-  unsigned char* ws_base = ws.data_ptr<uint8_t>();
-  p.ws_y = reinterpret_cast<float*>(ws_base);
-  p.ws_u = reinterpret_cast<float*>(ws_base + ws_y_bytes);
-  p.u_pad = ws_base + ws_y_bytes + ws_u_bytes;
-  int* cnt = counters.data_ptr<int>();
-  p.rg_count = cnt;
-  p.utile_count = cnt + pl.rowgroups;
-  p.u_count = cnt + pl.rowgroups + utiles;
+  p.ws_y = ws.defined() ? reinterpret_cast<float*>(ws.data_ptr<uint8_t>()) : nullptr;
+  p.rg_count = counters.data_ptr<int>();
   p.n = n;
   p.k = k;
   p.nblocks = n * (k / 64);
@@ -1017,7 +846,6 @@ std::tuple<at::Tensor, at::Tensor> gemv_fwd(const at::Tensor& x, const OptionalT
   p.kb = static_cast<int>(k / 64);
   p.ck = static_cast<int>(ck);
   p.tiles = static_cast<int>(tiles);
-  p.utiles = static_cast<int>(utiles);
   p.splits = pl.splits;
   p.rowgroups = pl.rowgroups;
   p.xs_stride = pl.xs_stride;
@@ -1034,7 +862,6 @@ std::tuple<at::Tensor, at::Tensor> gemv_fwd(const at::Tensor& x, const OptionalT
   p.off_code = pl.off_code;
   p.off_misc = pl.off_misc;
   p.scaling = static_cast<float>(scaling);
-  p.dropout = make_dropout(dropout_p, seed);
   p.k3210 = 0x32103210u;
 
   // Ask for more than half the SM's smem so two CTAs never share an SM (grid = S·R <= #SMs is sized for one each).

@@ -27,8 +27,13 @@ import torch
 #                backward in two (dx + g; dA + dB). No dequantized weight anywhere.
 #   decode_gemm  the whole NF4 weight decoded in one launch into a workspace shared by all layers, then one
 #                cuBLAS GEMM per product and the LoRA terms as skinny cuBLAS GEMMs.
-#   gemv         split-k decode kernel for the forward at 1 <= m <= GEMV_MAX_M (its backward runs "fused").
-PATHS = ("fused", "decode_gemm", "gemv")
+#   gemv         split-k decode kernel for the forward at 1 <= m <= GEMV_MAX_M (u on cuBLAS first).
+#   sm90         Hopper only (compute capability 9.0, built with 9.0a): the NF4 GEMM on CUTLASS's TMA + wgmma
+#                mixed-input mainloop, the LoRA products on cuBLAS; forward only, n % 8 == 0.
+# A forward-only path (FORWARD_ONLY) never serves a backward: the table's bwd column names another path, and a
+# forced one falls back to "fused" there.
+PATHS = ("fused", "decode_gemm", "gemv", "sm90")
+FORWARD_ONLY = ("gemv", "sm90")
 AUTO = "auto"
 ENV_VAR = "QLORA_EXT_PATH"
 GEMV_MAX_M = 32
@@ -43,11 +48,27 @@ def shape_class(n: int, k: int) -> str:
     return "expand" if n >= k else "reduce"
 
 
-def supports(path: str, m: int, forward: bool) -> bool:
-    """Whether implementation `path` can serve this call at all (independent of speed)."""
+def supports(path: str, m: int, forward: bool, n: int, device_index: Optional[int] = None) -> bool:
+    """Whether implementation `path` can serve a call with m rows and n output features on CUDA device
+    `device_index` (None: the current one) at all, independent of speed."""
+    if path in FORWARD_ONLY and not forward:
+        return False
     if path == "gemv":
-        return forward and 1 <= m <= GEMV_MAX_M
+        return 1 <= m <= GEMV_MAX_M
+    if path == "sm90":
+        if n % 8 != 0 or not _sm90_built() or not torch.cuda.is_available():
+            return False
+        return _device_cc(torch.cuda.current_device() if device_index is None else device_index) == "9.0"
     return path in PATHS
+
+
+@functools.cache
+def _sm90_built() -> bool:
+    """Whether qlora_ext._C has the sm_90a units (built with 9.0a in TORCH_CUDA_ARCH_LIST)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("qlora_ext::_sm90_fwd", "CUDA")
+    except RuntimeError:  # no _C, or an _C without the op's schema
+        return False
 
 
 @dataclass(frozen=True)
@@ -69,9 +90,10 @@ def table() -> tuple[Rule, ...]:
     for row in data["rules"]:
         rule = Rule(**row)
         for direction, path in (("fwd", rule.fwd), ("bwd", rule.bwd)):
-            if path not in PATHS or (direction == "bwd" and path == "gemv"):
+            if path not in PATHS or (direction == "bwd" and path in FORWARD_ONLY):
                 raise ValueError(f"{TABLE_FILE.name}: rule {row} names {direction} path {path!r}; expected one of "
-                                 f"{PATHS} (gemv has no backward). Regenerate it with `python -m bench.policy`.")
+                                 f"{PATHS} ({', '.join(FORWARD_ONLY)}: forward only). Regenerate it with "
+                                 "`python -m bench.policy`.")
         rules.append(rule)
     return tuple(sorted(rules, key=lambda r: (r.m_max is None, r.m_max or 0)))
 
@@ -144,9 +166,14 @@ def _choose(forced: Optional[str], device_index: Optional[int], dtype: torch.dty
     if forced is not None:
         # A forced path that cannot serve this call (gemv outside its m range, or a backward) falls back to
         # the portable kernels rather than failing: forcing gemv must still let a training step run.
-        return forced if supports(forced, m, forward) else "fused"
+        return forced if supports(forced, m, forward, n, device_index) else "fused"
     if device_index is None:  # torch.device("cuda"): the current device
         device_index = torch.cuda.current_device()
-    fwd, bwd = _lookup(_device_cc(device_index), str(dtype).removeprefix("torch."), shape_class(n, k), m)
-    path = fwd if forward else bwd
-    return path if supports(path, m, forward) else "fused"
+    # The measured GPU's rule first; if its path cannot serve the call (sm90 without the 9.0a build, n % 8 != 0),
+    # the rule for unmeasured GPUs, which names portable paths only; the portable kernels last.
+    for cc in (_device_cc(device_index), "*"):
+        fwd, bwd = _lookup(cc, str(dtype).removeprefix("torch."), shape_class(n, k), m)
+        path = fwd if forward else bwd
+        if supports(path, m, forward, n, device_index):
+            return path
+    return "fused"

@@ -55,6 +55,15 @@ def test_path_ids_follow_the_override(forced, m, expected):
     assert (policy.PATHS[fwd], policy.PATHS[bwd]) == expected
 
 
+def test_forced_sm90_falls_back_where_it_cannot_serve():
+    """sm90 is forward-only and Hopper-only (9.0a build, n % 8 == 0): elsewhere a forced sm90 runs the fused path."""
+    with policy.override("sm90"):
+        fwd, bwd = policy.path_ids(0, torch.bfloat16, 7, 384, 256)
+        assert policy.PATHS[bwd] == "fused"
+        assert policy.PATHS[fwd] == ("sm90" if policy.supports("sm90", 7, True, 384, 0) else "fused")
+        assert policy.PATHS[policy.path_ids(0, torch.bfloat16, 7, 388, 256)[0]] == "fused"
+
+
 def test_path_ids_read_the_environment_per_call(monkeypatch):
     monkeypatch.setenv(policy.ENV_VAR, "decode_gemm")
     assert policy.path_ids(0, torch.float16, 64, 384, 256) == (1, 1)
@@ -247,13 +256,14 @@ def test_compiled_layer_uses_the_custom_op(gpu_kernels):
 
 
 def test_small_m_scratch_lives_in_the_workspace(gpu_kernels):
-    """The small-m path keeps its split-k partial sums in the shared workspace (counted by workspace_bytes, freed by
-    release_workspace), so from the second call on a call allocates its outputs y and u only; the decode + cuBLAS
-    path at small m allocates nothing weight-sized either (s goes on the smaller skinny operand)."""
-    layer = make_layer(1024, 4096, 64, torch.bfloat16, False, 0.0)
+    """The small-m path keeps its split-k partial sums (k split: fewer row tiles than SMs) in the shared workspace
+    (counted by workspace_bytes, freed by release_workspace), so from the second call on a call allocates its
+    outputs y and u only; the decode + cuBLAS path at small m allocates nothing weight-sized either (s goes on
+    the smaller skinny operand)."""
+    layer = make_layer(1024, 1024, 64, torch.bfloat16, False, 0.0)  # 64 row tiles < SMs: gemv splits k
     x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
     block = 512  # the caching allocator's rounding
-    y, u = -(-4 * 4096 * 2 // block) * block, -(-4 * 64 * 2 // block) * block
+    y, u = -(-4 * 1024 * 2 // block) * block, -(-4 * 64 * 2 // block) * block
     for path, allowed in (("gemv", y + u), ("decode_gemm", y + 2 * u)):  # decode_gemm: y, u and s·u
         qlora_ext.release_workspace()
         with policy.override(path), torch.no_grad():

@@ -91,8 +91,16 @@ def test_forced_path_rejects_an_unknown_choice(monkeypatch):
                                                 (16, False, False)],
                          ids=["m1-fwd", "m32-fwd", "m33-fwd", "m16-bwd"])
 def test_gemv_serves_only_small_m_forward(m, forward, expected):
-    assert policy.supports("gemv", m, forward) is expected
-    assert policy.supports("fused", m, forward) and policy.supports("decode_gemm", m, forward)
+    assert policy.supports("gemv", m, forward, 384) is expected
+    assert policy.supports("fused", m, forward, 384) and policy.supports("decode_gemm", m, forward, 384)
+
+
+def test_sm90_serves_only_the_forward_with_n_a_multiple_of_8():
+    assert not policy.supports("sm90", 4096, False, 4096)  # forward only
+    assert not policy.supports("sm90", 4096, True, 4100)  # TMA rows of y
+    hopper = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+              and torch._C._dispatch_has_kernel_for_dispatch_key("qlora_ext::_sm90_fwd", "CUDA"))
+    assert policy.supports("sm90", 4096, True, 4096) is hopper
 
 
 def test_override_beats_the_environment_and_restores(monkeypatch):

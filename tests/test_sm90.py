@@ -169,6 +169,20 @@ def test_sm90_workspace_grows_then_is_reused(variant):
         check_case(make_case(m, k, n, 16, torch.float16, True, 0.0, True, gen_seed=100 + i))
 
 
+def test_sm90_default_layout_and_shared_workspace(monkeypatch):
+    """No overrides: n % 16 == 0 repacks the weight, n % 16 == 8 reads the stored bytes, both correct; the block
+    scales and the repacked bytes live in the paths' shared workspace (counted by workspace_bytes, freed by
+    release_workspace)."""
+    monkeypatch.delenv("QLORA_EXT_SM90_TILE", raising=False)
+    monkeypatch.delenv("QLORA_EXT_SM90_WLAYOUT", raising=False)
+    qlora_ext.release_workspace()
+    check_case(make_case(64, 512, 256, 16, torch.bfloat16, True, 0.0, True, gen_seed=11))
+    assert qlora_ext.workspace_bytes() >= 256 * 512 // 2 + 256 * (512 // 64) * 2  # repacked bytes + scales
+    check_case(make_case(64, 512, 264, 16, torch.bfloat16, True, 0.0, True, gen_seed=12))
+    qlora_ext.release_workspace()
+    assert qlora_ext.workspace_bytes() == 0
+
+
 def test_sm90_misaligned_x_view(variant):
     """x as a view whose base is not 16-byte aligned (TMA needs it): the op copies it."""
     variant("128x256", "stored")

@@ -124,8 +124,10 @@ IMPLS = {
     "fused": Impl("_fused_fwd", "_fused_bwd"),
     "decode_gemm": Impl("_decode_gemm_fwd", "_decode_gemm_bwd"),
     "gemv": Impl("_gemv_fwd", None),
+    "sm90": Impl("_sm90_fwd", None),
 }
 assert tuple(IMPLS) == policy.PATHS, "policy.PATHS and the registry must name the same implementations"
+assert {p for p, i in IMPLS.items() if i.backward is None} == set(policy.FORWARD_ONLY)
 
 
 # --------------------------------------------------------------------------------------------------------------
