@@ -128,9 +128,13 @@ class Bench:
 
     def _failed(self, row: dict, e: BaseException) -> None:
         """Record the error; some CUDA errors (illegal address, ...) poison the context: then skip the rest."""
+        row.update(status="error", reason=err(e))
+        self._check_context(e)
+
+    def _check_context(self, e: BaseException) -> None:
+        """After error e: if the CUDA context no longer works, every later cell skips (self.broken says why)."""
         import torch
 
-        row.update(status="error", reason=err(e))
         if not isinstance(e, torch.cuda.OutOfMemoryError):
             try:
                 torch.cuda.synchronize()
@@ -187,6 +191,7 @@ class Bench:
                     replay = _timing.graphed(fn)
             except Exception as e:  # noqa: BLE001  (a column that cannot be captured keeps its event timing)
                 row["graph_reason"] = err(e)
+                self._check_context(e)
             else:
                 self.pending[cell.row].append((row, (replay, (), row["wall_ms"], context), "graph"))
 
@@ -202,6 +207,7 @@ class Bench:
             if what == "graph":
                 if isinstance(res, BaseException):
                     row["graph_reason"] = err(res)
+                    self._check_context(res)
                 else:
                     row.update(graph_ms=res["median_ms"], graph_spread=res["spread"])
                 continue

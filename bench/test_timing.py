@@ -54,6 +54,7 @@ def test_a_failing_column_leaves_the_rounds_and_the_row_reports_it(monkeypatch):
     monkeypatch.setattr(_impls, "build", lambda ws, cell: (_fn({"cublas": "a", "bnb_peft": "b"}[cell.column], 2.0), []))
     monkeypatch.setattr(_harness, "_sanity", lambda cell, outs: None)
     monkeypatch.setattr(_timing, "host_and_memory", lambda *a: {"host_ms": 0.1, "wall_ms": 2.0, "peak_extra_mib": 0})
+    monkeypatch.setattr(_harness.Bench, "_check_context", lambda self, e: None)  # no CUDA context on the CPU
     b = _harness.Bench(SimpleNamespace(reference_all_m=False, log=print))
     b.reasons = {"torchao": "torchao is not installed"}
     cells = _sweep.plan(("4096x4096",), (2048,), (16,), ("fwd",), cols)
@@ -74,6 +75,7 @@ def test_small_m_forward_cells_also_time_a_graph_replay(monkeypatch):
     monkeypatch.setattr(_harness, "_sanity", lambda cell, outs: None)
     monkeypatch.setattr(_timing, "host_and_memory", lambda *a: {"host_ms": 0.1, "wall_ms": 0.1, "peak_extra_mib": 0})
     monkeypatch.setattr(_timing, "graphed", lambda fn: _fn(fn.__name__ + "_graph", fn() / 5))
+    monkeypatch.setattr(_harness.Bench, "_check_context", lambda self, e: None)  # no CUDA context on the CPU
     b = _harness.Bench(SimpleNamespace(reference_all_m=False, log=print))
     cells = _sweep.plan(("4096x4096",), (16, 2048), (16,), ("fwd",), ("cublas", "bnb_peft"))
     b.row_sizes = {c.row: 2 for c in cells}

@@ -125,7 +125,6 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
-
 // mma.sync m16n8k16 through common/mma_sm80.cuh, taking the four A registers by value.
 template <typename T>
 __device__ __forceinline__ void mma4(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
