@@ -9,15 +9,17 @@
 // decode moves 0.5 B/element in and 2 B/element out (4096x14336: 29 MB + 117 MB, ~34 µs at 4.3 TB/s), small next
 // to a GEMM of m >= 2048 rows (~0.3 ms at m = 2048 for that shape).
 //
-// Workspace: stream_scratch (path_ops.h), defined here: one buffer per (device, dtype, stream, slot), shared by
+// Workspace: stream_scratch and stream_counters (path_ops.h), defined here. stream_scratch: one buffer per (device, dtype, stream, slot), shared by
 // every layer, sized by the largest request so far (it grows once per new maximum and is then reused by every
 // call). `_workspace_bytes` is their total; `_release_workspace` frees them (the next call allocates again). Keying
 // by stream keeps two streams from using one buffer at the same time; within one stream the decode → GEMM order of
 // successive layers is the stream order, so reuse is safe. A caller's view keeps its buffer alive, so a release
 // while a call runs is safe too.
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -69,6 +71,20 @@ at::Tensor stream_scratch(ScratchSlot slot, int64_t numel, const at::TensorOptio
     buf = held;
   }
   return buf.narrow(0, 0, numel);
+}
+
+at::Tensor stream_counters(const at::Device& device, int64_t numel) {
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+  const auto opts = at::TensorOptions().dtype(at::kInt).device(device);
+  if (status != cudaStreamCaptureStatusNone) return at::zeros({numel}, opts);
+  static std::mutex mutex;
+  static auto* blocks = new std::map<std::pair<c10::DeviceIndex, c10::StreamId>, at::Tensor>();  // leaked, as above
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& t = (*blocks)[{device.index(), stream.id()}];
+  if (!t.defined() || t.numel() < numel) t = at::zeros({std::max<int64_t>(numel, 1024)}, opts);
+  return t;
 }
 
 namespace {

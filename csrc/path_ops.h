@@ -57,7 +57,13 @@ struct KernelScope {
 // allocates no weight-sized memory in the steady state. Calls on one stream are ordered, so reuse by the next call
 // is safe; the contents are not kept between calls. While the stream is being captured into a CUDA graph a fresh
 // tensor is returned (from the graph's pool) and nothing is cached.
-enum class ScratchSlot : int { kDecodedWeight = 0, kGemvPartials = 1, kSm90 = 2 };
+enum class ScratchSlot : int { kDecodedWeight = 0, kGemvPartials = 1, kSm90 = 2, kDxPartials = 3 };
 at::Tensor stream_scratch(ScratchSlot slot, int64_t numel, const at::TensorOptions& opts);
+
+// At least `numel` int32 counters, zero, for the kernels of the current stream on `device` that count arrivals
+// (split-k partial sums): every such kernel puts each counter it used back to zero before it ends, so one block
+// per (device, stream), grown to the largest request, serves every later launch on the stream without a memset.
+// While the stream is being captured a fresh zeroed block is returned (a captured memset), not cached.
+at::Tensor stream_counters(const at::Device& device, int64_t numel);
 
 }  // namespace qlora_ext

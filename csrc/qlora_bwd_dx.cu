@@ -19,6 +19,14 @@
 // r > 64: 3 stages 154752; sm86/89: 2 stages 86144 / 90240 / 98432, r > 64 single decoded-W buffer 97408.
 // 1 CTA/SM by shared memory; register counts: the build log (-Xptxas -v), 0 spills required.
 // The pipeline (ring, one-step-ahead decode, barriers) is NF4Mainloop in common/nf4_gemm_sm80.cuh.
+//
+// Split-n (small m): one CTA per dx tile gives k/128 CTAs at m <= 128 (32 for k = 4096, a quarter of an H200),
+// each walking all of n. When the tiles fill at most half the GPU, the n-steps are split S ways (grid z, S <=
+// SMs / tiles, >= kMinStepsPerSplit steps each): every CTA writes its fp32 dx and g accumulators to a workspace
+// (fragment order, one slice per split) and arrives on its tile's counter; the last of the S arrivals sums the
+// slices in split order (deterministic) and runs the epilogue. Nothing waits for another CTA.
+#include <algorithm>
+
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -31,6 +39,7 @@
 #include "common/dropout.cuh"
 #include "common/nf4_gemm_sm80.cuh"
 #include "common/nf4_tensors.h"
+#include "path_ops.h"
 
 namespace qlora_ext {
 namespace {
@@ -40,7 +49,13 @@ struct QloraBwdDxParams : NF4GemmParamsBase {
   uint16_t* dx;            // [m, k] out
   uint16_t* g;             // [m, r] out: s·dy·lora_B
   bool dy_async;           // n % 8 == 0 and dy 16-byte aligned: dy rows can be cp.async'd
+  int splits;              // S: CTAs per dx tile along n (grid z); 1: no workspace
+  int steps_per_split;     // n-steps of kTileK per split (the last split may have fewer)
+  float* ws;               // [tiles][S][floats per thread][kThreads] fp32 partial accumulators (S > 1)
+  int* tile_count;         // [tiles] arrivals per dx tile, zero on entry and left zero (S > 1)
 };
+
+constexpr int kMinStepsPerSplit = 4;  // fewer n-steps than this per CTA and the ring never fills
 
 // Ring slot = [dy 128 x 64 | lora_B rows 64 x kRPad | packed W]; W tile = 64 rows (n) x 128 cols (k), stored
 // [n][k] and read with ldmatrix.trans. The epilogue reuses the space after the code table for g [128][kRPad]
@@ -53,6 +68,40 @@ struct DxTraits : NF4GemmTraits<kRPad, BLayout::kKN, kTileK, kBlockN,
   static constexpr int kEpilogueBytes = 128 + kBlockM * (kRPad + kPad) * 2 + kRPad * (kBlockN + kPad) * 2;
 };
 
+// Split-n: publish this CTA's accumulators as split blockIdx.z of its tile and arrive. The last arrival gets true
+// with acc and acc_g replaced by the sum of all S slices in split order; the others get false (and are done).
+// Workspace layout [tile][split][register][thread]: a warp's stores and loads of one register are contiguous.
+// `flag`: an int of shared memory that nothing else uses until the epilogue's first barrier.
+template <int kRPad>
+__device__ __forceinline__ bool reduce_splits(const QloraBwdDxParams& p, Acc& acc, float (&acc_g)[kRPad / 8][4],
+                                              int* flag, int tid) {
+  constexpr int kAccFloats = kMmaM * kMmaN * 4, kFloats = kAccFloats + kRPad / 2;
+  cp_async_wait<0>();  // nothing of the ring may land in shared memory after this (flag lives there)
+  const int64_t tile = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+  float* slices = p.ws + tile * p.splits * kFloats * kThreads;
+  float* mine = slices + int64_t(blockIdx.z) * kFloats * kThreads + tid;
+#pragma unroll
+  for (int i = 0; i < kAccFloats; ++i) mine[i * kThreads] = (&acc[0][0][0])[i];
+#pragma unroll
+  for (int i = 0; i < kRPad / 2; ++i) mine[(kAccFloats + i) * kThreads] = (&acc_g[0][0])[i];
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) *flag = atomicAdd(p.tile_count + tile, 1) == p.splits - 1;
+  __syncthreads();
+  if (!*flag) return false;
+  __threadfence();
+  zero_accumulators(acc, acc_g);
+  for (int s = 0; s < p.splits; ++s) {
+    const float* slice = slices + int64_t(s) * kFloats * kThreads + tid;
+#pragma unroll
+    for (int i = 0; i < kAccFloats; ++i) (&acc[0][0][0])[i] += slice[i * kThreads];
+#pragma unroll
+    for (int i = 0; i < kRPad / 2; ++i) (&acc_g[0][0])[i] += slice[(kAccFloats + i) * kThreads];
+  }
+  if (tid == 0) p.tile_count[tile] = 0;  // the last user: reset for the next launch on the stream
+  return true;
+}
+
 template <typename T,   // __nv_bfloat16 or __half: dy, lora_A, lora_B, dx, g
           int kRPad>    // r rounded up to the rank bucket
 __global__ void __launch_bounds__(kThreads, 1) qlora_bwd_dx_kernel(const __grid_constant__ QloraBwdDxParams p) {
@@ -63,7 +112,9 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_bwd_dx_kernel(const __grid_
   const int64_t m0 = int64_t(blockIdx.y) * kBlockM;
   const int64_t k0 = int64_t(blockIdx.x) * kBlockN;  // first dx column of this CTA
   const int num_n_steps = static_cast<int>((p.n + kTileK - 1) / kTileK);
-  const NF4Mainloop<L> mainloop(smem, p.stages, p.wdec_buffers, num_n_steps, p.k, tid);
+  const int step0 = static_cast<int>(blockIdx.z) * p.steps_per_split;  // this split's first n-step
+  const NF4Mainloop<L> mainloop(smem, p.stages, p.wdec_buffers, min(p.steps_per_split, num_n_steps - step0), p.k,
+                                tid);
 
   Acc acc;
   float acc_g[kRPad / 8][4];
@@ -79,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_bwd_dx_kernel(const __grid_
       // Dense tiles of n-step kt: dy[128 x 64] and lora_B rows [64 x kRPad]. Everything past n (and rows >= m)
       // arrives as zeros, so the padded tail of the reduction contributes exactly 0.
       [&](uint8_t* stage, int kt) {
-        const int64_t nn0 = int64_t(kt) * kTileK;
+        const int64_t nn0 = int64_t(step0 + kt) * kTileK;
         uint16_t* dy_s = reinterpret_cast<uint16_t*>(stage);
         uint16_t* b_s = dy_s + L::kDyBytes / 2;
         const uint16_t* dy_origin = p.dy + m0 * p.n + nn0;
@@ -91,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_bwd_dx_kernel(const __grid_
       },
       // W tile of n-step kt: rows [64 kt, 64 kt + 64) x cols [k0, k0 + 128); thread tid owns row tid/4,
       // 32-column quarter tid%4.
-      [&](int kt) { return WTileOrigin{int64_t(kt) * kTileK, k0}; },
+      [&](int kt) { return WTileOrigin{int64_t(step0 + kt) * kTileK, k0}; },
       // warp tile 64x32 += dy·w; the warp's 16 dy rows · lora_B accumulate g for all r columns.
       [&](const uint8_t* stage, const uint16_t* wdec, int kt) {
         const uint32_t dys = smem_addr(stage);
@@ -105,6 +156,9 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_bwd_dx_kernel(const __grid_
           warp_mma_rank_k16<T, BLayout::kKN, kRPad, L::kRStride>(acc_g, ag, bs + lb_off, kk);
         }
       });
+
+  if (p.splits > 1 && !reduce_splits<kRPad>(p, acc, acc_g, reinterpret_cast<int*>(mainloop.epilogue_smem()), tid))
+    return;  // not the tile's last split
 
   // ---- epilogue: g = dtype(s·dy·lora_B) (rounded first, like the reference's g) and lora_A[:, k0:k0+128] ----
   uint16_t* g_s = reinterpret_cast<uint16_t*>(mainloop.epilogue_smem());  // [kBlockM][kRStride]
@@ -147,9 +201,10 @@ __global__ void __launch_bounds__(kThreads, 1) qlora_bwd_dx_kernel(const __grid_
   }
 }
 
-// The only launch site of qlora_bwd_dx_kernel: one CTA per 128 x 128 tile of dx (k fastest).
+// The only launch site of qlora_bwd_dx_kernel: one CTA per 128 x 128 tile of dx (k fastest) and split (z).
 void launch_qlora_bwd_dx(const QloraBwdDxParams& p, at::ScalarType dtype, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.k, kBlockN)), static_cast<unsigned>(ceil_div(p.m, kBlockM)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.k, kBlockN)), static_cast<unsigned>(ceil_div(p.m, kBlockM)),
+                  static_cast<unsigned>(p.splits));
   launch_nf4_gemm<DxTraits>("qlora_linear_backward", p, dtype, grid, stream, [](auto elem, auto rank_bucket) {
     return qlora_bwd_dx_kernel<decltype(elem), decltype(rank_bucket)::value>;
   });
@@ -184,6 +239,23 @@ std::tuple<at::Tensor, at::Tensor> fused_bwd_dx(const at::Tensor& dy, const Opti
   p.dx = reinterpret_cast<uint16_t*>(dx.data_ptr());
   p.g = reinterpret_cast<uint16_t*>(g.data_ptr());
   p.dy_async = n % 8 == 0 && aligned16(dy.data_ptr());
+
+  // Split-n when the dx tiles fill at most half the GPU (see the header).
+  const int64_t tiles = ceil_div(k, kBlockN) * ceil_div(m, kBlockM), n_steps = ceil_div(n, kTileK);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = 2 * tiles <= sms ? std::min(sms / tiles, n_steps / kMinStepsPerSplit) : 1;
+  p.steps_per_split = static_cast<int>(ceil_div(n_steps, std::max<int64_t>(want, 1)));
+  p.splits = static_cast<int>(ceil_div(n_steps, p.steps_per_split));  // every split has at least one step
+  at::Tensor ws, counters;
+  if (p.splits > 1) {
+    int r_pad = 0;  // the kernel instance's rank bucket: acc_g holds r_pad / 2 floats per thread
+    dispatch_rank(r, [&](auto rank_bucket) { r_pad = decltype(rank_bucket)::value; });
+    const int64_t floats = int64_t(kMmaM * kMmaN * 4 + r_pad / 2) * kThreads;
+    ws = stream_scratch(ScratchSlot::kDxPartials, tiles * p.splits * floats, dy.options().dtype(at::kFloat));
+    counters = stream_counters(dy.device(), tiles);
+    p.ws = ws.data_ptr<float>();
+    p.tile_count = counters.data_ptr<int>();
+  }
   launch_qlora_bwd_dx(p, dy.scalar_type(), c10::cuda::getCurrentCUDAStream());
   return {dx, g};
 }

@@ -37,8 +37,8 @@
 //     S == 1: the CTA finalizes its tiles from smem. S > 1: partials go to ws_y and the last of the S arrivals on
 //     the rowgroup's counter finalizes. Nothing ever waits for another CTA: no co-residency assumption, no
 //     deadlock under any scheduling or sharing of the GPU.
-//   - every counter is put back to zero by its last user, so the counter block is cached per (device, stream)
-//     and no memset runs per call (a fresh zeroed block is used while a CUDA graph is being captured).
+//   - every counter is put back to zero by its last user: the counter block is the stream's (stream_counters,
+//     path_ops.h), no memset runs per call.
 //
 // Register caps (the busiest SMSP's 16K-register bank): 13 warps -> 128, 9 warps -> 168 per thread; the build log
 // (-Xptxas -v) has the counts, 0 spills required.
@@ -51,8 +51,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <map>
-#include <mutex>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -745,21 +743,6 @@ GemvPlan plan_gemv(int64_t m, int64_t n, int64_t k, int64_t r, bool dq, int nt, 
   return GemvPlan{};
 }
 
-// The counter block is self-cleaning, so one block per (device, stream) serves every launch on that stream (they
-// are ordered). While a graph is being captured a fresh zeroed block is used (captured memset, not cached).
-at::Tensor gemv_counters(const at::Device& device, cudaStream_t stream, int64_t needed) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  const auto opts = at::TensorOptions().dtype(at::kInt).device(device);
-  if (status != cudaStreamCaptureStatusNone) return at::zeros({needed}, opts);
-  static std::mutex mu;
-  static auto* cache = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // leaked: no exit-time frees
-  std::lock_guard<std::mutex> lock(mu);
-  at::Tensor& t = (*cache)[{device.index(), stream}];
-  if (!t.defined() || t.numel() < needed) t = at::zeros({std::max<int64_t>(needed, 1024)}, opts);
-  return t;
-}
-
 // The one launcher: picks the instantiation (dtype x n8-tile count, m <= 8·NT), raises the smem limit, launches
 // on the caller's stream and checks the launch. Block = decode warps + the lora warp.
 void launch_qlora_gemv(const GemvParams& p, at::ScalarType dtype, int nt, int grid, int64_t smem,
@@ -825,7 +808,7 @@ std::tuple<at::Tensor, at::Tensor> gemv_fwd(const at::Tensor& x, const OptionalT
       pl.splits > 1 ? stream_scratch(ScratchSlot::kGemvPartials, int64_t(pl.splits) * tiles * 32 * 4 * nt * 4,
                                      x.options().dtype(at::kByte))
                     : at::Tensor();
-  auto counters = gemv_counters(device, stream, pl.rowgroups);
+  const at::Tensor counters = stream_counters(device, pl.rowgroups);
 
   GemvParams p{};
   p.x = x.data_ptr();

@@ -14,9 +14,10 @@ ops = torch.ops.qlora_ext
 assert qlora_ext.has_cuda_kernels(), "built without CUDA kernels"
 seed = torch.tensor(7, dtype=torch.int64)
 # (m, k, n, r). (5, 1024, 100, 24): k split across CTAs on the small-m path (fewer row tiles than SMs, k > 256);
-# the last two: n % 16 == 0 and n % 16 == 8, the shapes the sm90 path serves (repacked and stored weight layouts).
-SHAPES = ((1, 64, 33, 3), (37, 192, 130, 16), (130, 128, 257, 40), (5, 1024, 100, 24), (70, 256, 192, 16),
-          (9, 128, 136, 8))
+# (3, 256, 1000, 16): n split across CTAs in the fused dx kernel (2 dx tiles, 16 n-steps); the last two: n % 16 == 0
+# and n % 16 == 8, the shapes the sm90 path serves (repacked and stored weight layouts).
+SHAPES = ((1, 64, 33, 3), (37, 192, 130, 16), (130, 128, 257, 40), (5, 1024, 100, 24), (3, 256, 1000, 16),
+          (70, 256, 192, 16), (9, 128, 136, 8))
 for path, dtype, double_quant, (m, k, n, r) in itertools.product(
         qlora_ext.policy.PATHS, (torch.bfloat16, torch.float16), (True, False), SHAPES):
     os.environ["QLORA_EXT_PATH"] = path
