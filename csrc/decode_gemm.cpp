@@ -1,6 +1,6 @@
 // The decode + cuBLAS path (host only): decode the whole NF4 weight in one launch into a workspace, then one cuBLAS
 // GEMM per product, with the LoRA terms as skinny cuBLAS GEMMs. Ops `_decode_gemm_fwd` and `_decode_gemm_bwd`
-// (the path signatures of path_ops.h), `_workspace_bytes` and `_release_workspace`.
+// (the path signatures of path_ops.h).
 // Twin (the spec): reference.qlora_linear / qlora_linear_backward; rounding as the reference within the ratio rule
 // (fp32 accumulation inside cuBLAS, one rounding per GEMM output).
 //
@@ -9,20 +9,11 @@
 // decode moves 0.5 B/element in and 2 B/element out (4096x14336: 29 MB + 117 MB, ~34 µs at 4.3 TB/s), small next
 // to a GEMM of m >= 2048 rows (~0.3 ms at m = 2048 for that shape).
 //
-// Workspace: stream_scratch and stream_counters (path_ops.h), defined here. stream_scratch: one buffer per (device, dtype, stream, slot), shared by
-// every layer, sized by the largest request so far (it grows once per new maximum and is then reused by every
-// call). `_workspace_bytes` is their total; `_release_workspace` frees them (the next call allocates again). Keying
-// by stream keeps two streams from using one buffer at the same time; within one stream the decode → GEMM order of
-// successive layers is the stream order, so reuse is safe. A caller's view keeps its buffer alive, so a release
-// while a call runs is safe too.
-#include <algorithm>
-#include <map>
-#include <mutex>
+// The decoded weight lives in the paths' shared scratch (stream_scratch, csrc/workspace.cpp): one buffer per
+// (device, dtype, stream) the size of the largest weight decoded so far, reused by every layer.
 #include <tuple>
-#include <utility>
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -31,62 +22,6 @@
 #include "path_ops.h"
 
 namespace qlora_ext {
-namespace {
-
-using WorkspaceKey = std::tuple<c10::DeviceIndex, at::ScalarType, c10::StreamId, int>;
-
-std::mutex workspace_mutex;
-// Leaked on purpose: destroying it at exit would free CUDA memory after the driver has shut down.
-auto* workspaces = new std::map<WorkspaceKey, at::Tensor>();
-
-int64_t workspace_bytes() {
-  const std::lock_guard<std::mutex> lock(workspace_mutex);
-  int64_t bytes = 0;
-  for (const auto& [key, buf] : *workspaces) bytes += buf.nbytes();
-  return bytes;
-}
-
-// The memory returns to PyTorch's caching allocator (torch.cuda.empty_cache() hands it back to the driver).
-void release_workspace() {
-  const std::lock_guard<std::mutex> lock(workspace_mutex);
-  workspaces->clear();
-}
-
-}  // namespace
-
-at::Tensor stream_scratch(ScratchSlot slot, int64_t numel, const at::TensorOptions& opts) {
-  const c10::DeviceIndex device = opts.device().index();
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device);
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
-  if (status != cudaStreamCaptureStatusNone) return at::empty({numel}, opts);
-  at::Tensor buf;
-  {
-    const std::lock_guard<std::mutex> lock(workspace_mutex);
-    at::Tensor& held = (*workspaces)[{device, opts.dtype().toScalarType(), stream.id(), static_cast<int>(slot)}];
-    if (!held.defined() || held.numel() < numel) {
-      held = at::Tensor();  // free the smaller buffer before allocating the larger one
-      held = at::empty({numel}, opts);
-    }
-    buf = held;
-  }
-  return buf.narrow(0, 0, numel);
-}
-
-at::Tensor stream_counters(const at::Device& device, int64_t numel) {
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
-  const auto opts = at::TensorOptions().dtype(at::kInt).device(device);
-  if (status != cudaStreamCaptureStatusNone) return at::zeros({numel}, opts);
-  static std::mutex mutex;
-  static auto* blocks = new std::map<std::pair<c10::DeviceIndex, c10::StreamId>, at::Tensor>();  // leaked, as above
-  const std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& t = (*blocks)[{device.index(), stream.id()}];
-  if (!t.defined() || t.numel() < numel) t = at::zeros({std::max<int64_t>(numel, 1024)}, opts);
-  return t;
-}
-
 namespace {
 
 // w decoded to like's dtype as an [n, k] view of the decoded-weight scratch; valid until the next decode on this
@@ -186,8 +121,3 @@ TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("_decode_gemm_bwd", &qlora_ext::decode_gemm_bwd);
 }
 
-// No tensor arguments: CompositeExplicitAutograd is the kernel the dispatcher runs for such ops.
-TORCH_LIBRARY_IMPL(qlora_ext, CompositeExplicitAutograd, m) {
-  m.impl("_workspace_bytes", &qlora_ext::workspace_bytes);
-  m.impl("_release_workspace", &qlora_ext::release_workspace);
-}

@@ -68,9 +68,9 @@ TORCH_LIBRARY_FRAGMENT(qlora_ext, m) {
   // reference.qlora_linear_backward.
   m.def("_decode_gemm_bwd(Tensor dy, Tensor x, Tensor u, Tensor?[] w, Tensor lora_A, Tensor lora_B, "
         "float scaling, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
-  // csrc/decode_gemm.cpp. -> bytes held by the decode workspaces (all devices, dtypes and streams).
+  // csrc/workspace.cpp. -> bytes held by the paths' shared scratch (all devices, dtypes and streams).
   m.def("_workspace_bytes() -> int");
-  // csrc/decode_gemm.cpp. Drop the decode workspaces (the next _decode_gemm_* call allocates again).
+  // csrc/workspace.cpp. Drop the shared scratch buffers (the next call that needs one allocates it again).
   m.def("_release_workspace() -> ()");
   // csrc/qlora_autograd.cpp. The GEMM path names in path-id order; must equal qlora_ext.policy.PATHS.
   m.def("_path_names() -> str[]");

@@ -51,7 +51,7 @@ struct KernelScope {
                                            c10::autocast_dispatch_keyset};
 };
 
-// Scratch memory of the paths' host code (defined in csrc/decode_gemm.cpp; qlora_ext.workspace_bytes() counts it,
+// Scratch memory of the paths' host code (defined in csrc/workspace.cpp; qlora_ext.workspace_bytes() counts it,
 // qlora_ext.release_workspace() frees it): `numel` elements of opts' dtype, a view of the one buffer of (device,
 // dtype, current stream, slot), grown to the largest request so far and then reused by every call, so a layer call
 // allocates no weight-sized memory in the steady state. Calls on one stream are ordered, so reuse by the next call

@@ -107,7 +107,6 @@ struct GemvParams {
 // CTA-private flags in smem.
 struct CtaMisc {
   int last;                // this CTA is the last arrival of its rowgroup
-  int pad[3];
 };
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -786,7 +785,7 @@ std::tuple<at::Tensor, at::Tensor> gemv_fwd(const at::Tensor& x, const OptionalT
   check_aligned(kOp, "absmax", wt.absmax, dq ? 4 : 16);
 
   // u first, on cuBLAS (see the header for why not in the kernel); the kernel reads it in stream order.
-  const at::Tensor u = at::mm(dropout_p > 0 ? lora_dropout(x, dropout_p, seed) : x, lora_A.t()).contiguous();
+  const at::Tensor u = at::mm(dropout_p > 0 ? lora_dropout(x, dropout_p, seed) : x, lora_A.t());
   auto y = at::empty({m, n}, x.options());
 
   const int nt = m <= 8 ? 1 : (m <= 16 ? 2 : 4);

@@ -1,6 +1,6 @@
 """The workspace of the CUDA paths (public as qlora_ext.workspace_bytes / release_workspace).
 
-The paths are C++: csrc/decode_gemm.cpp holds the scratch buffers (one per device, dtype, stream and use, shared
+The paths are C++: csrc/workspace.cpp holds the scratch buffers (one per device, dtype, stream and use, shared
 by every layer and sized by the largest request so far): the decoded weight of the decode + cuBLAS path (ops
 ``_decode_gemm_fwd`` / ``_decode_gemm_bwd``; the size of the largest bf16/fp16 weight), the split-k partial sums
 of the small-m path (``_gemv_fwd``; a few MiB) and the Hopper path's block scales and repacked NF4 bytes
