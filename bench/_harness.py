@@ -25,17 +25,18 @@ from ._impls import err
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROTOCOL = {
-    "layers": (f"median of the medians of 3 repeats (2 for calls over 10 ms) of CUDA-event times per call, "
-               f"{_timing.FLUSH_BYTES >> 20} MB L2 flush before each (triton.testing.do_bench protocol; warm-up "
-               f"{_timing.WARMUP_MS:g} ms, {_timing.REP_MS:g} ms and >= {_timing.MIN_CALLS} calls per repeat); the "
-               f"columns of a row timed side by side, one repeat each per round, the order rotated per round, and "
-               f"before each repeat of a call of >= {_timing.COND_FROM_MS:g} ms the row's cuBLAS GEMM run for "
-               f"{_timing.COND_MS:g} ms (every column starts from the same clock state)"),
-    "spread": "(max - min) / median of the repeat medians",
+    "layers": (f"the columns of a row interleaved: each round calls every column once, in the order of a Williams "
+               f"design (over a period every column follows every other equally often), each call from an idle GPU, "
+               f"CUDA-event timed after a {_timing.FLUSH_BYTES >> 20} MB L2 flush (triton.testing.do_bench's "
+               f"per-call protocol); {_timing.WARMUP_ROUNDS} untimed rounds, then whole periods, about "
+               f"{_timing.ROUNDS_MIN}-{_timing.ROUNDS_MAX} rounds (enough for {_timing.ROW_MS:g} ms of the row's "
+               f"calls); a cell's time is the median of its samples"),
+    "spread": "(max - min) / median of the medians of the first, second and last third of the rounds",
     "host_bound": (f"host launch time of a call (GPU idle at its start) >= {_timing.HOST_BOUND} x its event-timed "
                    "median: the host, not the GPU, sets the pace"),
-    "graph_ms": (f"fwd cells at m <= {_sweep.GRAPH_MAX_M}: the call captured in a CUDA graph, the replay timed as "
-                 "the layers are (GPU time without the host's launch cost; graph_reason when capture failed)"),
+    "graph_ms": (f"cells at m <= {_sweep.GRAPH_MAX_M}: the call (fwd, or fwd + backward) captured in a CUDA graph, "
+                 "the replay timed as the layers are (GPU time without the host's launch cost; graph_reason when "
+                 "capture failed)"),
     "peak_extra_mib": "max_memory_allocated during one call minus memory_allocated before it",
     "workspace_mib": "qlora_ext.workspace_bytes() after the cell (persistent, shared by all layers)",
     "e2e": "median wall time of synchronized training steps after the warm-up steps",
@@ -185,10 +186,10 @@ class Bench:
             if qlora:
                 row["workspace_mib"] = _impls.workspace_mib()
         self.pending.setdefault(cell.row, []).append((row, (fn, grads, row["wall_ms"], context), None))
-        if cell.mode == "fwd" and cell.m <= _sweep.GRAPH_MAX_M:  # the GPU time without the host (see PROTOCOL)
+        if cell.m <= _sweep.GRAPH_MAX_M:  # the GPU time without the host (see PROTOCOL)
             try:
                 with context():
-                    replay = _timing.graphed(fn)
+                    replay = _timing.graphed(fn, grads)
             except Exception as e:  # noqa: BLE001  (a column that cannot be captured keeps its event timing)
                 row["graph_reason"] = err(e)
                 self._check_context(e)
@@ -201,9 +202,7 @@ class Bench:
         the earlier columns have passed already."""
         entries = self.pending.pop(key, [])
         late = []
-        cublas = [call for row, call, what in entries if row["implementation"] == "cublas" and what is None]
-        condition = (cublas[0][0], cublas[0][2]) if cublas else None
-        for (row, _, what), res in zip(entries, _timing.gpu_times([call for _, call, _ in entries], condition)):
+        for (row, _, what), res in zip(entries, _timing.gpu_times([call for _, call, _ in entries])):
             if what == "graph":
                 if isinstance(res, BaseException):
                     row["graph_reason"] = err(res)

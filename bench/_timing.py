@@ -10,10 +10,10 @@ import time
 
 from . import _impls
 
-WARMUP_MS, REP_MS, MIN_CALLS = 10.0, 20.0, 3  # warm-up before the first repeat; per repeat: span, fewest timed calls
+WARMUP_MS, REP_MS = 10.0, 20.0  # gpu_time (a single call, do_bench): warm-up, then the timed span
 FLUSH_BYTES = 256 << 20  # triton's L2 flush: zero a 256 MB buffer before every timed call
 HOST_BOUND = 0.8  # host launch time >= this fraction of the event-timed median: the host sets the pace
-COND_MS, COND_FROM_MS = 40.0, 0.5  # gpu_times: the row's cuBLAS GEMM runs this long before each repeat of a call this long
+WARMUP_ROUNDS, ROUNDS_MIN, ROUNDS_MAX, ROW_MS = 2, 9, 60, 60.0  # gpu_times: the rounds of a row (see there)
 
 
 def do_bench(fn, warmup_ms: float, rep_ms: float, grads=()) -> tuple[list[float], str]:
@@ -55,54 +55,119 @@ def do_bench(fn, warmup_ms: float, rep_ms: float, grads=()) -> tuple[list[float]
     return [s.elapsed_time(e) for s, e in events], "cuda events"
 
 
-def gpu_times(calls, condition=None) -> list:
-    """Event-timed medians of a row's calls, measured side by side. calls: (fn, grads, est_ms, context) with
-    ``context()`` a context manager that every repeat of fn runs inside (the forced path of a column).
+class _Clock:
+    """The measurement under gpu_times: CUDA events around one call, its ``grads``' .grad reset to None and a
+    FLUSH_BYTES L2 flush before it (triton.testing.do_bench's per-call protocol). bench/test_timing.py swaps in a
+    fake to check the rounds on the CPU."""
 
-    An H200's clocks follow its power draw with a lag of more than a call: a column timed right after a
-    low-power one (the mma.sync kernels) ran faster than the same work timed after the cuBLAS column, by 6 % on
-    average and up to 14 % (forced decode_gemm vs the auto column dispatching to it, m >= 8192, 2026-12-01). So
-    calls are timed in rounds (three, two for calls over 10 ms), each round one do_bench repeat of every call, the
-    order rotated by one per round; and before each repeat of a call of >= COND_FROM_MS, ``condition`` = (fn,
-    est_ms), the row's cuBLAS GEMM, runs for COND_MS, so every column starts from the same hot state, the one of a
-    training step's back-to-back GEMMs. ``est_ms``, a rough time per call, stretches each repeat to MIN_CALLS timed
-    calls. Per call: {median_ms (the median of its repeat medians), spread ((max - min) / median of them), samples,
-    repeat_ms, timer}, or the exception it raised (the call then leaves the rounds)."""
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=_impls.DEVICE)
+
+    def time(self, fn, grads, context):
+        for t in grads:
+            t.grad = None
+        # The GPU idle at the call's start: a call queued behind the previous column's work would hide its own
+        # host launch time (a host-bound call then reads as fast as its kernels).
+        self.torch.cuda.synchronize()
+        self.flush.zero_()
+        start, end = (self.torch.cuda.Event(enable_timing=True) for _ in range(2))
+        with context():
+            start.record()
+            fn()
+            end.record()
+        return start, end
+
+    def read(self, handles: list) -> list[float]:
+        self.torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in handles]
+
+
+def williams_order(n: int, i: int) -> list[int]:
+    """Round i of a Williams design for n items: a Latin square in which every item follows every other exactly once
+    over n rounds (n even) or 2n rounds (n odd: the second n rounds are the first n reversed)."""
+    base, lo, hi = [0], 1, n - 1
+    while len(base) < n:  # 0, 1, n-1, 2, n-2, ...
+        base.append(lo)
+        lo += 1
+        if len(base) < n:
+            base.append(hi)
+            hi -= 1
+    order = [(b + i) % n for b in base]
+    return order[::-1] if n % 2 and (i // n) % 2 else order
+
+
+def gpu_times(calls) -> list:
+    """Event-timed medians of a row's calls, measured interleaved. calls: (fn, grads, est_ms, context) with
+    ``context()`` a context manager that each call of fn runs inside (the forced path of a column); ``est_ms``, a
+    rough time per call, sets the number of rounds.
+
+    Why interleaved: an H200's clocks follow its power draw with a lag of more than a call, so a call inherits the
+    state its predecessor left. Timed in blocks per column (even with the row's cuBLAS GEMM run for 40 ms before
+    every block), the auto column and the forced decode_gemm column, the same kernels, came out 3-6 % apart at
+    m >= 8192 (2026-12-01: 12.05 vs 11.68 ms for 28672→8192, m = 16384); interleaved with the order merely rotated
+    (so each column always followed the same one) still 5-11 %: the column after cuBLAS slow, the one after the
+    low-power mma.sync column fast. So each round calls every column once in the order of a Williams design
+    (williams_order): over one period every column follows every other exactly once, and the carry-over averages
+    out. Each call starts on an idle GPU (a synchronize before it). Two untimed rounds warm up; then about
+    ROW_MS of the row's calls, ROUNDS_MIN..ROUNDS_MAX rounds, in whole periods of the design.
+    Per call: {median_ms (median of all its samples), repeat_ms (the medians of the first, second and last third of
+    the rounds), spread ((max - min) / median of those), samples, timer}, or the exception it raised (the call then
+    leaves the rounds)."""
+    clock = _Clock()
     out: list = [[] for _ in calls]
-    samples, how = [0] * len(calls), [""] * len(calls)
-    for i in range(3):
-        for j in [(i + j) % len(calls) for j in range(len(calls))]:
-            fn, grads, est_ms, context = calls[j]
-            if isinstance(out[j], BaseException) or (i == 2 and est_ms >= 10):
+    total = sum(max(c[2], 1e-3) for c in calls)
+    want = min(ROUNDS_MAX, max(ROUNDS_MIN, math.ceil(ROW_MS / total)))
+    period = len(calls) if len(calls) % 2 == 0 else 2 * len(calls)
+    n = period * max(1, round(want / period))
+    for i in range(WARMUP_ROUNDS + n):
+        order = williams_order(len(calls), (i - WARMUP_ROUNDS) % period)
+        handles = []
+        for j in order:
+            if isinstance(out[j], BaseException):
                 continue
+            fn, grads, _, context = calls[j]
             try:
-                if condition is not None and est_ms >= COND_FROM_MS:
-                    for _ in range(math.ceil(COND_MS / max(condition[1], 1e-3))):
-                        condition[0]()
-                with context():
-                    times, how[j] = do_bench(fn, WARMUP_MS if i == 0 else 0.0,
-                                             max(REP_MS, MIN_CALLS * (est_ms + 0.1) * 1.25), grads)
+                handles.append((j, clock.time(fn, grads, context)))
             except Exception as e:  # noqa: BLE001  (recorded for this call; the others go on)
                 out[j] = e
-                continue
-            out[j].append(statistics.median(times))
-            samples[j] += len(times)
-    return [m if isinstance(m, BaseException) else
-            {"median_ms": statistics.median(m), "spread": (max(m) - min(m)) / statistics.median(m),
-             "samples": samples[j], "repeat_ms": m, "timer": how[j]} for j, m in enumerate(out)]
+        try:
+            times = clock.read([h for _, h in handles])
+        except Exception as e:  # noqa: BLE001  (an asynchronous error: which call is unknown, all are void)
+            return [e] * len(calls)
+        if i >= WARMUP_ROUNDS:
+            for (j, _), t in zip(handles, times):
+                if not isinstance(out[j], BaseException):
+                    out[j].append(t)
+    res = []
+    for m in out:
+        if isinstance(m, BaseException):
+            res.append(m)
+            continue
+        thirds = [statistics.median(m[a * len(m) // 3:(a + 1) * len(m) // 3]) for a in range(3)]
+        res.append({"median_ms": statistics.median(m), "spread": (max(thirds) - min(thirds)) / statistics.median(m),
+                    "samples": len(m), "repeat_ms": thirds, "timer": "interleaved CUDA events"})
+    return res
 
 
-def graphed(fn):
+def graphed(fn, grads=()):
     """fn captured in a CUDA graph (after a warm-up call on a side stream, which creates cuBLAS handles and
     workspaces outside the capture); returns the replay. Timing the replay measures the GPU work of a call without
-    the host launching it: small-m calls are host-bound otherwise."""
+    the host launching it: small-m calls are host-bound otherwise. ``grads``' .grad are reset before the warm-up and
+    the capture, so a captured backward writes fresh gradients (graph-pool memory) instead of accumulating."""
     import torch
 
+    for t in grads:
+        t.grad = None
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream().wait_stream(side)
+    for t in grads:
+        t.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
@@ -113,12 +178,10 @@ def graphed(fn):
     return replay
 
 
-def gpu_time(fn, grads=(), est_ms: float = 1.0) -> dict:
-    """gpu_times of one call."""
-    res = gpu_times([(fn, grads, est_ms, contextlib.nullcontext)])[0]
-    if isinstance(res, BaseException):
-        raise res
-    return res
+def gpu_time(fn, grads=()) -> dict:
+    """The median CUDA-event time of fn (do_bench: WARMUP_MS of warm-up, REP_MS of timed calls)."""
+    times, timer = do_bench(fn, WARMUP_MS, REP_MS, grads)
+    return {"median_ms": statistics.median(times), "samples": len(times), "timer": timer}
 
 
 def rounds(benchmark, target, n: int, setup=None) -> None:
@@ -169,10 +232,10 @@ def ceilings() -> dict:
     import torch
 
     a = torch.randn(8192, 8192, device=_impls.DEVICE, dtype=torch.bfloat16)
-    gemm = gpu_time(lambda: a @ a.T, est_ms=2.0)["median_ms"]
+    gemm = gpu_time(lambda: a @ a.T)["median_ms"]
     src = torch.empty(2**30, dtype=torch.uint8, device=_impls.DEVICE).random_(0, 255)
     dst = torch.empty_like(src)
-    copy = gpu_time(lambda: dst.copy_(src), est_ms=0.5)["median_ms"]
+    copy = gpu_time(lambda: dst.copy_(src))["median_ms"]
     del a, src, dst
     torch.cuda.empty_cache()
     return {"bf16_gemm_tflops": 2 * 8192**3 / gemm / 1e9, "copy_tb_s": 2 * 2**30 / copy / 1e9, "gemm_ms": gemm,

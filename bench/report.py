@@ -99,7 +99,7 @@ def _summary(doc) -> list[str]:
     for shape in dict.fromkeys(k[0] for k, _, _ in slower):
         out.append(f"  - {shape}: " + ", ".join(f"{k[3]} m={k[1]} r={k[2]} {x:.2f}×{'†' if hb else ''}"
                                                 for k, x, hb in slower if k[0] == shape))
-    graphs = _graph_rows(doc)
+    graphs = {k[:3]: g for k, g in _graph_rows(doc).items() if k[3] == "fwd"}
     if graphs:
         slower = [(k, g["qlora_ext"] / g["cublas"]) for k, g in graphs.items() if g["qlora_ext"] > g["cublas"]]
         out.append(f"Small-m forward, GPU time of CUDA-graph replays: qlora_ext ≤ cuBLAS bf16 in "
@@ -123,16 +123,16 @@ def _summary(doc) -> list[str]:
         return out + ["Host-bound cells: not recorded by this run."]
     out.append(f"Host-bound cells (†): {sum(per.values())} of {len(timed)} timed ("
                + ", ".join(f"{k} {v}" for k, v in per.items() if v) + ").")
-    return out + [f"Repeat medians more than 10 % apart (‡): {sum(c.get('spread', 0) > 0.1 for c in timed)} cells."]
+    return out + [f"Spread above 10 % (‡): {sum(c.get('spread', 0) > 0.1 for c in timed)} cells."]
 
 
 def _graph_rows(doc) -> dict:
-    """(shape, m, r) -> {implementation: graph ms} for the fwd rows where qlora_ext and cuBLAS have a replay time."""
+    """(shape, m, r, mode) -> {implementation: graph ms} for the rows where qlora_ext and cuBLAS have a replay time."""
     out = {}
     for key, row in _rows(doc).items():
         g = {impl: c["graph_ms"] for impl, c in row.items() if _ok(c) and c.get("graph_ms") is not None}
-        if key[3] == "fwd" and "qlora_ext" in g and "cublas" in g:
-            out[key[:3]] = g
+        if "qlora_ext" in g and "cublas" in g:
+            out[key] = g
     return out
 
 
@@ -141,15 +141,15 @@ def _graph_section(doc) -> list[str]:
     if not graphs:
         return []
     cols = [c for c in _columns(doc) if any(c in g for g in graphs.values())]
-    L = ["## Small-m forward under CUDA graphs", "",
-         "ms per call of the forward captured in a CUDA graph and replayed (same protocol as the layers): the GPU "
-         "time of a call without the host's launch cost, which dominates every column's event timing at this m. "
+    L = ["## Small m under CUDA graphs", "",
+         "ms per call captured in a CUDA graph and replayed (same protocol as the layers): the GPU time of a call "
+         "without the host's launch cost, which dominates every column's event timing at this m. "
          "— = not captured (reason in the JSON's graph_reason).", "",
-         "| shape | m | r | " + " | ".join(map(_sweep.label, cols)) + " | qlora_ext ÷ cuBLAS |",
-         "|" + "---|" * (4 + len(cols))]
-    for k in sorted(graphs, key=lambda k: (_sweep.shape_order(k[0]), k[2], k[1])):
+         "| shape | m | r | mode | " + " | ".join(map(_sweep.label, cols)) + " | qlora_ext ÷ cuBLAS |",
+         "|" + "---|" * (5 + len(cols))]
+    for k in sorted(graphs, key=lambda k: (_sweep.shape_order(k[0]), k[3], k[2], k[1])):
         g = graphs[k]
-        L.append(f"| {k[0].replace('x', '→')} | {k[1]} | {k[2]} | "
+        L.append(f"| {k[0].replace('x', '→')} | {k[1]} | {k[2]} | {k[3]} | "
                  + " | ".join(f"{g[c]:.4f}" if c in g else "—" for c in cols)
                  + f" | {g['qlora_ext'] / g['cublas']:.2f} |")
     return L + [""]

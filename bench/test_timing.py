@@ -1,21 +1,29 @@
 """CPU checks of the side-by-side timing of a row's columns (bench/_timing.gpu_times, bench/_harness.Bench): the
-order of the repeats, the rounds and what a failing column does, with do_bench replaced by a recorder."""
+order of the calls, the rounds and what a failing column does, with the CUDA-event clock replaced by a recorder."""
 
 import contextlib
+from collections import Counter
 from types import SimpleNamespace
 
 from bench import _harness, _impls, _sweep, _timing
 
 
 def _recorder(monkeypatch, fail=()):
+    """_timing._Clock replaced: each timed call is logged (name, inside its context?) and 'takes' what fn returns."""
     log = []
 
-    def do_bench(fn, warmup_ms, rep_ms, grads):
-        log.append((fn.__name__, warmup_ms > 0))
-        if fn.__name__ in fail:
-            raise RuntimeError(f"{fn.__name__} broke")
-        return [fn()] * 4, "fake"
-    monkeypatch.setattr(_timing, "do_bench", do_bench)
+    class Clock:
+        def time(self, fn, grads, context):
+            with context() as inside:
+                log.append((fn.__name__, inside))
+                if fn.__name__ in fail:
+                    raise RuntimeError(f"{fn.__name__} broke")
+                return fn()
+
+        def read(self, handles):
+            log.append("sync")
+            return list(handles)
+    monkeypatch.setattr(_timing, "_Clock", Clock)
     return log
 
 
@@ -25,26 +33,47 @@ def _fn(name, ms):
     return f
 
 
-def test_rounds_alternate_columns_and_long_calls_get_two(monkeypatch):
+def test_williams_order_balances_who_follows_whom():
+    for n in range(1, 10):
+        period = n if n % 2 == 0 else 2 * n
+        rounds = [_timing.williams_order(n, i) for i in range(period)]
+        assert all(sorted(r) == list(range(n)) for r in rounds)
+        follows = Counter((r[j], r[j + 1]) for r in rounds for j in range(n - 1))
+        assert len(follows) == n * (n - 1) and set(follows.values()) <= {period // n}  # each ordered pair equally
+        assert Counter(r[0] for r in rounds) == Counter({j: period // n for j in range(n)})  # each first equally
+
+
+def test_rounds_interleave_the_columns_in_williams_order(monkeypatch):
     log = _recorder(monkeypatch)
-    entered = []
 
     @contextlib.contextmanager
     def ctx():
-        entered.append(1)
-        yield
-    conditioned = []
+        yield "forced"
     calls = [(_fn("a", 1.0), (), 1.0, ctx), (_fn("b", 20.0), (), 20.0, contextlib.nullcontext),
              (_fn("c", 0.1), (), 0.1, contextlib.nullcontext)]
-    res = _timing.gpu_times(calls, condition=(lambda: conditioned.append(len(log)), 10.0))
-    # rounds rotate the order; b (over 10 ms) gets two; c (under COND_FROM_MS) is not conditioned
-    assert log == [("a", True), ("b", True), ("c", True), ("b", False), ("c", False), ("a", False),
-                   ("c", False), ("a", False)]
-    assert len(entered) == 3  # a's context around each of its repeats
-    n = int(_timing.COND_MS / 10.0)  # the condition runs COND_MS (at its 10 ms per call) before a and b
-    assert conditioned == [0] * n + [1] * n + [3] * n + [5] * n + [7] * n
-    assert res[0]["median_ms"] == 1.0 and res[0]["repeat_ms"] == [1.0] * 3 and res[0]["samples"] == 12
-    assert res[1]["repeat_ms"] == [20.0] * 2 and res[1]["spread"] == 0 and res[2]["repeat_ms"] == [0.1] * 3
+    res = _timing.gpu_times(calls)
+    n = len(log) // 4
+    rounds = [log[i * 4:(i + 1) * 4] for i in range(n)]
+    assert len(log) == 4 * n and all(r[-1] == "sync" for r in rounds)  # every column once per round, then a sync
+    timed = n - _timing.WARMUP_ROUNDS
+    assert timed % 6 == 0 and timed >= _timing.ROUNDS_MIN  # whole periods of the design (3 columns: 6 rounds)
+    names = "abc"
+    assert [[x[0] for x in r[:3]] for r in rounds[_timing.WARMUP_ROUNDS:]] == [
+        [names[j] for j in _timing.williams_order(3, i % 6)] for i in range(timed)]
+    assert all(x[1] == ("forced" if x[0] == "a" else None) for r in rounds for x in r[:3])  # a inside its context
+    assert res[0] == {"median_ms": 1.0, "spread": 0.0, "samples": timed, "repeat_ms": [1.0] * 3,
+                      "timer": "interleaved CUDA events"}
+    assert res[1]["median_ms"] == 20.0 and res[2]["median_ms"] == 0.1
+
+
+def test_short_rows_get_more_rounds_and_the_medians_come_from_the_samples(monkeypatch):
+    _recorder(monkeypatch)
+    times = iter([5.0, 1.0, 2.0, 3.0] * 100)
+    calls = [(lambda: next(times), (), 0.01, contextlib.nullcontext)]
+    res = _timing.gpu_times(calls)[0]
+    assert res["samples"] == 2 * round(_timing.ROUNDS_MAX / 2)  # ROW_MS / 0.01 ms is over the cap; 1 call: period 2
+    assert res["median_ms"] == 2.5 and len(res["repeat_ms"]) == 3
+    assert res["spread"] == (max(res["repeat_ms"]) - min(res["repeat_ms"])) / 2.5
 
 
 def test_a_failing_column_leaves_the_rounds_and_the_row_reports_it(monkeypatch):
@@ -60,28 +89,34 @@ def test_a_failing_column_leaves_the_rounds_and_the_row_reports_it(monkeypatch):
     cells = _sweep.plan(("4096x4096",), (2048,), (16,), ("fwd",), cols)
     b.row_sizes = {cells[0].row: len(cells)}
     rows = [b.run_layer(c, SimpleNamespace(pedantic=None)) for c in cells]
-    assert [x for x in log if x[0] == "b"] == [("b", True)]  # b failed in round 1 and left the rounds
-    assert [x[0] for x in log] == ["a", "b", "a", "a"]  # nothing timed before the row's last column (skipped)
+    calls = [x[0] for x in log if x != "sync"]
+    assert calls.count("b") == 1  # b failed in its first round and left the rounds
+    assert calls[:2] == ["a", "b"] and set(calls[2:]) == {"a"}  # nothing timed before the row's last column
     assert b.cells[0]["median_ms"] == 2.0 and not b.cells[0]["host_bound"]
     assert b.cells[1]["status"] == "error" and "b broke" in b.cells[1]["reason"]
     assert rows[2]["status"] == "error" and "bnb_peft: " in rows[2]["reason"]  # the last item fails, naming it
     assert b.cells[2]["status"] == "skipped"  # the record of the skipped column itself is unchanged
 
 
-def test_small_m_forward_cells_also_time_a_graph_replay(monkeypatch):
+def test_small_m_cells_also_time_a_graph_replay(monkeypatch):
     log = _recorder(monkeypatch, fail=("b_graph",))
     monkeypatch.setattr(_impls, "Workspace", lambda shape: SimpleNamespace(shape=shape, release=lambda: None))
     monkeypatch.setattr(_impls, "build", lambda ws, cell: (_fn({"cublas": "a", "bnb_peft": "b"}[cell.column], 0.05), []))
     monkeypatch.setattr(_harness, "_sanity", lambda cell, outs: None)
     monkeypatch.setattr(_timing, "host_and_memory", lambda *a: {"host_ms": 0.1, "wall_ms": 0.1, "peak_extra_mib": 0})
-    monkeypatch.setattr(_timing, "graphed", lambda fn: _fn(fn.__name__ + "_graph", fn() / 5))
+    monkeypatch.setattr(_timing, "graphed", lambda fn, grads: _fn(fn.__name__ + "_graph", fn() / 5))
     monkeypatch.setattr(_harness.Bench, "_check_context", lambda self, e: None)  # no CUDA context on the CPU
     b = _harness.Bench(SimpleNamespace(reference_all_m=False, log=print))
-    cells = _sweep.plan(("4096x4096",), (16, 2048), (16,), ("fwd",), ("cublas", "bnb_peft"))
+    cells = _sweep.plan(("4096x4096",), (16, 2048), (16,), ("fwd", "fwd+bwd"), ("cublas", "bnb_peft"))
     b.row_sizes = {c.row: 2 for c in cells}
     rows = [b.run_layer(c, SimpleNamespace(pedantic=None)) for c in cells]
     assert all(r["status"] == "ok" for r in rows)  # a replay that fails is recorded, the cell stays timed
-    assert b.cells[0]["median_ms"] == 0.05 and b.cells[0]["graph_ms"] == 0.01
-    assert "graph_ms" not in b.cells[1] and "b_graph broke" in b.cells[1]["graph_reason"]
-    assert "graph_ms" not in b.cells[2] and "graph_ms" not in b.cells[3]  # m = 2048: no graph
-    assert {x[0] for x in log} == {"a", "b", "a_graph", "b_graph"}
+    for c in b.cells:  # fwd and fwd+bwd alike
+        if c["m"] == 2048:
+            assert "graph_ms" not in c  # no graph at large m
+        elif c["implementation"] == "cublas":
+            assert c["median_ms"] == 0.05 and c["graph_ms"] == 0.01
+        else:
+            assert "graph_ms" not in c and "b_graph broke" in c["graph_reason"]
+    assert len(b.cells) == 8
+    assert {x[0] for x in log if x != "sync"} == {"a", "b", "a_graph", "b_graph"}

@@ -53,10 +53,10 @@ struct KernelScope {
 
 // Scratch memory of the paths' host code (defined in csrc/workspace.cpp; qlora_ext.workspace_bytes() counts it,
 // qlora_ext.release_workspace() frees it): `numel` elements of opts' dtype, a view of the one buffer of (device,
-// dtype, current stream, slot), grown to the largest request so far and then reused by every call, so a layer call
-// allocates no weight-sized memory in the steady state. Calls on one stream are ordered, so reuse by the next call
-// is safe; the contents are not kept between calls. While the stream is being captured into a CUDA graph a fresh
-// tensor is returned (from the graph's pool) and nothing is cached.
+// dtype, slot), grown to the largest request so far and then reused by every call, so a layer call allocates no
+// weight-sized memory in the steady state. The buffer belongs to the last stream that asked (another stream's
+// request drops it; csrc/workspace.cpp says why that is safe); the contents are not kept between calls. While the
+// stream is being captured into a CUDA graph a fresh tensor is returned (from the graph's pool), nothing cached.
 enum class ScratchSlot : int { kDecodedWeight = 0, kGemvPartials = 1, kSm90 = 2, kDxPartials = 3 };
 at::Tensor stream_scratch(ScratchSlot slot, int64_t numel, const at::TensorOptions& opts);
 
