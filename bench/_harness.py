@@ -25,18 +25,20 @@ from ._impls import err
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROTOCOL = {
-    "layers": (f"the columns of a row interleaved: each round calls every column once, in the order of a Williams "
-               f"design (over a period every column follows every other equally often), each call from an idle GPU, "
-               f"CUDA-event timed after a {_timing.FLUSH_BYTES >> 20} MB L2 flush (triton.testing.do_bench's "
+    "layers": (f"the columns of a row interleaved: each round times every column once, in the order of a "
+               f"Williams design (over a period every column follows every other equally often); each timed call "
+               f"follows an untimed one of its own (the host launches it while the GPU runs that one, as in "
+               f"training) and a {_timing.FLUSH_BYTES >> 20} MB L2 flush, CUDA-event timed (triton.testing.do_bench's "
                f"per-call protocol); {_timing.WARMUP_ROUNDS} untimed rounds, then whole periods, about "
                f"{_timing.ROUNDS_MIN}-{_timing.ROUNDS_MAX} rounds (enough for {_timing.ROW_MS:g} ms of the row's "
                f"calls); a cell's time is the median of its samples"),
     "spread": "(max - min) / median of the medians of the first, second and last third of the rounds",
     "host_bound": (f"host launch time of a call (GPU idle at its start) >= {_timing.HOST_BOUND} x its event-timed "
                    "median: the host, not the GPU, sets the pace"),
-    "graph_ms": (f"cells at m <= {_sweep.GRAPH_MAX_M}: the call (fwd, or fwd + backward) captured in a CUDA graph, "
-                 "the replay timed as the layers are (GPU time without the host's launch cost; graph_reason when "
-                 "capture failed)"),
+    "graph_ms": (f"cells at m <= {_sweep.GRAPH_MAX_M}, and cells whose host launch time is >= {_timing.HOST_BOUND} x "
+                 "their synchronized wall time: the call (fwd, or fwd + backward) captured in a CUDA graph, the "
+                 "replay timed as the layers are (GPU time without the host's launch cost; graph_reason when capture "
+                 "failed)"),
     "peak_extra_mib": "max_memory_allocated during one call minus memory_allocated before it",
     "workspace_mib": "qlora_ext.workspace_bytes() after the cell (persistent, shared by all layers)",
     "e2e": "median wall time of synchronized training steps after the warm-up steps",
@@ -186,7 +188,8 @@ class Bench:
             if qlora:
                 row["workspace_mib"] = _impls.workspace_mib()
         self.pending.setdefault(cell.row, []).append((row, (fn, grads, row["wall_ms"], context), None))
-        if cell.m <= _sweep.GRAPH_MAX_M:  # the GPU time without the host (see PROTOCOL)
+        if cell.m <= _sweep.GRAPH_MAX_M or row["host_ms"] >= _timing.HOST_BOUND * row["wall_ms"]:
+            # the GPU time without the host (see PROTOCOL): where the host sets the pace of the eager call
             try:
                 with context():
                     replay = _timing.graphed(fn, grads)

@@ -26,8 +26,8 @@ LABELS = {"cublas": "cuBLAS bf16", "reference": "reference (unfused)", "bnb_peft
 # The unfused reference runs the layer in fp32: 10-14x cuBLAS above m = 2048, where it alone would take a third of the
 # default sweep. The default sweep times it up to this m; naming it in --bench-cols times it at every m.
 REFERENCE_MAX_M = 2048
-# Cells up to this m are also timed as CUDA-graph replays: there the host's launch cost exceeds the GPU work
-# of every column, so the event timing measures Python, not kernels.
+# Cells up to this m (and host-bound cells at any m) are also timed as CUDA-graph replays: there the host's launch
+# cost exceeds the GPU work of every column, so the event timing measures Python, not kernels.
 GRAPH_MAX_M = 16
 
 

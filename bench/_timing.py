@@ -56,9 +56,9 @@ def do_bench(fn, warmup_ms: float, rep_ms: float, grads=()) -> tuple[list[float]
 
 
 class _Clock:
-    """The measurement under gpu_times: CUDA events around one call, its ``grads``' .grad reset to None and a
-    FLUSH_BYTES L2 flush before it (triton.testing.do_bench's per-call protocol). bench/test_timing.py swaps in a
-    fake to check the rounds on the CPU."""
+    """The measurement under gpu_times: CUDA events around one call, after an untimed lead-in call of the same fn,
+    its ``grads``' .grad reset to None and a FLUSH_BYTES L2 flush (triton.testing.do_bench's per-call protocol).
+    bench/test_timing.py swaps in a fake to check the rounds on the CPU."""
 
     def __init__(self):
         import torch
@@ -67,14 +67,17 @@ class _Clock:
         self.flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=_impls.DEVICE)
 
     def time(self, fn, grads, context):
-        for t in grads:
-            t.grad = None
-        # The GPU idle at the call's start: a call queued behind the previous column's work would hide its own
-        # host launch time (a host-bound call then reads as fast as its kernels).
-        self.torch.cuda.synchronize()
-        self.flush.zero_()
-        start, end = (self.torch.cuda.Event(enable_timing=True) for _ in range(2))
         with context():
+            # A lead-in call first: while the GPU runs it, the host launches the timed call, as in a training step's
+            # back-to-back layers. So a GPU-bound call measures its GPU time, a host-bound one its host pace, and
+            # neither depends on what the previous column left in the queue.
+            for t in grads:
+                t.grad = None
+            fn()
+            for t in grads:
+                t.grad = None
+            self.flush.zero_()
+            start, end = (self.torch.cuda.Event(enable_timing=True) for _ in range(2))
             start.record()
             fn()
             end.record()
@@ -109,10 +112,10 @@ def gpu_times(calls) -> list:
     every block), the auto column and the forced decode_gemm column, the same kernels, came out 3-6 % apart at
     m >= 8192 (2026-12-01: 12.05 vs 11.68 ms for 28672→8192, m = 16384); interleaved with the order merely rotated
     (so each column always followed the same one) still 5-11 %: the column after cuBLAS slow, the one after the
-    low-power mma.sync column fast. So each round calls every column once in the order of a Williams design
+    low-power mma.sync column fast. So each round times every column once in the order of a Williams design
     (williams_order): over one period every column follows every other exactly once, and the carry-over averages
-    out. Each call starts on an idle GPU (a synchronize before it). Two untimed rounds warm up; then about
-    ROW_MS of the row's calls, ROUNDS_MIN..ROUNDS_MAX rounds, in whole periods of the design.
+    out. Each timed call follows an untimed call of its own column (_Clock.time says why). Two untimed rounds warm
+    up; then about ROW_MS of the row's calls, ROUNDS_MIN..ROUNDS_MAX rounds, in whole periods of the design.
     Per call: {median_ms (median of all its samples), repeat_ms (the medians of the first, second and last third of
     the rounds), spread ((max - min) / median of those), samples, timer}, or the exception it raised (the call then
     leaves the rounds)."""

@@ -99,7 +99,7 @@ def _summary(doc) -> list[str]:
     for shape in dict.fromkeys(k[0] for k, _, _ in slower):
         out.append(f"  - {shape}: " + ", ".join(f"{k[3]} m={k[1]} r={k[2]} {x:.2f}×{'†' if hb else ''}"
                                                 for k, x, hb in slower if k[0] == shape))
-    graphs = {k[:3]: g for k, g in _graph_rows(doc).items() if k[3] == "fwd"}
+    graphs = {k[:3]: g for k, g in _graph_rows(doc).items() if k[3] == "fwd" and k[1] <= _sweep.GRAPH_MAX_M}
     if graphs:
         slower = [(k, g["qlora_ext"] / g["cublas"]) for k, g in graphs.items() if g["qlora_ext"] > g["cublas"]]
         out.append(f"Small-m forward, GPU time of CUDA-graph replays: qlora_ext ≤ cuBLAS bf16 in "
@@ -141,9 +141,9 @@ def _graph_section(doc) -> list[str]:
     if not graphs:
         return []
     cols = [c for c in _columns(doc) if any(c in g for g in graphs.values())]
-    L = ["## Small m under CUDA graphs", "",
+    L = ["## Small m and host-bound cells under CUDA graphs", "",
          "ms per call captured in a CUDA graph and replayed (same protocol as the layers): the GPU time of a call "
-         "without the host's launch cost, which dominates every column's event timing at this m. "
+         "without the host's launch cost, which dominates the event timing of these cells. "
          "— = not captured (reason in the JSON's graph_reason).", "",
          "| shape | m | r | mode | " + " | ".join(map(_sweep.label, cols)) + " | qlora_ext ÷ cuBLAS |",
          "|" + "---|" * (5 + len(cols))]

@@ -98,12 +98,15 @@ def test_a_failing_column_leaves_the_rounds_and_the_row_reports_it(monkeypatch):
     assert b.cells[2]["status"] == "skipped"  # the record of the skipped column itself is unchanged
 
 
-def test_small_m_cells_also_time_a_graph_replay(monkeypatch):
+def test_small_m_and_host_bound_cells_also_time_a_graph_replay(monkeypatch):
     log = _recorder(monkeypatch, fail=("b_graph",))
     monkeypatch.setattr(_impls, "Workspace", lambda shape: SimpleNamespace(shape=shape, release=lambda: None))
     monkeypatch.setattr(_impls, "build", lambda ws, cell: (_fn({"cublas": "a", "bnb_peft": "b"}[cell.column], 0.05), []))
     monkeypatch.setattr(_harness, "_sanity", lambda cell, outs: None)
-    monkeypatch.setattr(_timing, "host_and_memory", lambda *a: {"host_ms": 0.1, "wall_ms": 0.1, "peak_extra_mib": 0})
+
+    def host_and_memory(benchmark, fn, grads, n):  # "a" (cuBLAS) GPU-bound, "b" host-bound
+        return {"host_ms": 0.1 if fn.__name__ == "b" else 0.01, "wall_ms": 0.1, "peak_extra_mib": 0}
+    monkeypatch.setattr(_timing, "host_and_memory", host_and_memory)
     monkeypatch.setattr(_timing, "graphed", lambda fn, grads: _fn(fn.__name__ + "_graph", fn() / 5))
     monkeypatch.setattr(_harness.Bench, "_check_context", lambda self, e: None)  # no CUDA context on the CPU
     b = _harness.Bench(SimpleNamespace(reference_all_m=False, log=print))
@@ -112,11 +115,41 @@ def test_small_m_cells_also_time_a_graph_replay(monkeypatch):
     rows = [b.run_layer(c, SimpleNamespace(pedantic=None)) for c in cells]
     assert all(r["status"] == "ok" for r in rows)  # a replay that fails is recorded, the cell stays timed
     for c in b.cells:  # fwd and fwd+bwd alike
-        if c["m"] == 2048:
-            assert "graph_ms" not in c  # no graph at large m
+        if c["m"] == 2048 and c["implementation"] == "cublas":
+            assert "graph_ms" not in c and "graph_reason" not in c  # large m, GPU-bound: no graph
         elif c["implementation"] == "cublas":
             assert c["median_ms"] == 0.05 and c["graph_ms"] == 0.01
-        else:
+        else:  # bnb+PEFT: host-bound, so a graph at every m (whose capture fails here)
             assert "graph_ms" not in c and "b_graph broke" in c["graph_reason"]
     assert len(b.cells) == 8
     assert {x[0] for x in log if x != "sync"} == {"a", "b", "a_graph", "b_graph"}
+
+
+def test_the_clock_times_the_second_of_two_back_to_back_calls():
+    """_Clock.time: a lead-in call, then the L2 flush, then the timed call between its two events."""
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.name = f"event{len([x for x in log if x.startswith('new')])}"
+            log.append("new " + self.name)
+
+        def record(self):
+            log.append("record " + self.name)
+
+    fake = SimpleNamespace(cuda=SimpleNamespace(Event=Event))
+    clock = _timing._Clock.__new__(_timing._Clock)  # no CUDA here: the torch calls are the fake's
+    clock.torch, clock.flush = fake, SimpleNamespace(zero_=lambda: log.append("flush"))
+    grad = SimpleNamespace(grad="stale")
+
+    def fn():
+        log.append(f"fn grad={grad.grad}")
+
+    @contextlib.contextmanager
+    def ctx():
+        log.append("enter")
+        yield
+        log.append("exit")
+    clock.time(fn, [grad], ctx)
+    assert log == ["enter", "fn grad=None", "flush", "new event0", "new event1", "record event0", "fn grad=None",
+                   "record event1", "exit"]

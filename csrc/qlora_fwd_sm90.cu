@@ -34,8 +34,11 @@
 //   probe measures.
 //
 // Workspace: the paths' shared scratch (stream_scratch, csrc/path_ops.h; counted by qlora_ext.workspace_bytes(), freed
-// by qlora_ext.release_workspace()), one byte buffer per (device, stream) for this path, grown to the largest layer
-// seen: [scales [k/64][n] in x's dtype][repacked w, n*k/2 B (repacked only)][CUTLASS workspace].
+// by qlora_ext.release_workspace()), one byte buffer per device for this path, grown to the largest layer seen:
+// [scales [k/64][n] in x's dtype][repacked w, n*k/2 B (repacked only)][CUTLASS workspace].
+//
+// Files: this one holds the op, the scale and repack kernels and the launcher; the NF4 GEMM is
+// qlora_fwd_sm90_gemm.cuh, one instance per unit under csrc/instantiations/ (qlora_fwd_sm90.h says why).
 //
 // Alignment (TMA: 16-byte base and row pitch of every tensor it reads or writes): k % 64 == 0 (the NF4 block; also makes
 // w's rows 16-byte multiples), n % 8 == 0 (rows of y and of the scale tensor), n % 16 == 0 with repacked weights (the
@@ -47,27 +50,17 @@
 //   128x256   4096 + 32768 + 256 = 37120                                  5        221184
 //   128x128   4096 + 16384 + 256 = 20736                                  9        222208
 // Registers: the build log (-Xptxas=-v; the launch bound is 168, consumers raise theirs with setmaxnreg); 0 spills.
-#include <atomic>
 #include <cstdlib>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <cute/tensor.hpp>
-#include <cutlass/cutlass.h>
-#include <cutlass/epilogue/collective/collective_builder.hpp>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/device/gemm_universal_adapter.h>
-#include <cutlass/gemm/dispatch_policy.hpp>
-#include <cutlass/gemm/kernel/gemm_universal.hpp>
-#include <cutlass/util/packed_stride.hpp>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -76,36 +69,12 @@
 #include "common/nf4_sm90.cuh"
 #include "common/nf4_tensors.h"
 #include "path_ops.h"
+#include "qlora_fwd_sm90.h"
 
 namespace qlora_ext {
 namespace {
 
-enum class Sm90Tile : int { k128x256, k128x128 };
-enum class WLayout : int { kStored, kRepacked };
-
-// The whole host → device contract of this file's kernels (scale decode, repack, NF4 GEMM).
-struct QloraFwdSm90Params {
-  const void* x;           // [m, k] row-major, x's dtype, 16-byte aligned
-  NF4View w;               // frozen weight [n, k]: packed nibbles (bnb order) + block scales (common/nf4.cuh)
-  void* w_scale;           // [k/64, n] workspace: block scales in x's dtype, n contiguous (the collective's MN-major)
-  uint8_t* w_repacked;     // [n*k/2] workspace: w's bytes in fragment order (WLayout::kRepacked), else nullptr
-  void* gemm_workspace;    // CUTLASS's workspace (tile scheduler); nullptr when it needs none
-  void* y;                 // [m, n] row-major: s·u·lora_Bᵀ + bias on entry, + x·wᵀ on exit (C = D)
-  int64_t m, n, k;
-  Sm90Tile tile;           // GEMM tile (pick_tile)
-  WLayout wlayout;         // how the GEMM reads w (env QLORA_EXT_SM90_WLAYOUT)
-};
-
-template <typename T>
-struct CutlassHalf;  // the CUTLASS twin of a CUDA 16-bit type
-template <>
-struct CutlassHalf<__nv_bfloat16> {
-  using type = cutlass::bfloat16_t;
-};
-template <>
-struct CutlassHalf<__half> {
-  using type = cutlass::half_t;
-};
+using namespace sm90;
 
 // ---- per-call scale decode: absmax (fp32, or double-quantized uint8) -> [k/64][n] in x's dtype ------------------
 // The collective multiplies each decoded code by a scale of the 16-bit type, read by TMA as one [n] row per k-tile.
@@ -144,23 +113,12 @@ __global__ void __launch_bounds__(kScaleTile * 8) nf4_scale_kernel(const __grid_
 }
 
 // ---- per-call repack (WLayout::kRepacked): bnb bytes -> the fragment-ordered layout the GEMM's TMA reads ------------
-// The layout is nf4_fragment_atom() (16 rows x 16 k = 128 bytes, one warp's wgmma fragments) tiled over [n, k] by
-// cute::tile_to_shape. One thread per atom: it loads the atom's 16 row pieces (8 bytes each; consecutive threads
+// The layout: repacked_w_layout (qlora_fwd_sm90.h), 16 x 16 atoms of one warp's wgmma fragments. One thread per atom: it loads the atom's 16 row pieces (8 bytes each; consecutive threads
 // take consecutive atoms along k, so a warp reads 256 contiguous bytes per row), moves every byte to its fragment
 // position in registers (all positions are compile-time constants: the loops unroll and the atom layout is
 // static), and stores the atom's 128 bytes where the tiled layout puts it. Bytes are moved whole (their nibble
 // order is bnb's). No shared memory: the first version gathered through smem byte by byte, 2 KB per CTA, and took
 // 65-86 µs for 4096 x 14336 (H200); the traffic floor is 29 MB in + 29 MB out, ~14 µs.
-using FragmentAtom = decltype(nf4_fragment_atom<cutlass::bfloat16_t>());
-static_assert(cute::is_same_v<FragmentAtom, decltype(nf4_fragment_atom<cutlass::half_t>())>,
-              "bf16 and fp16 wgmma fragments have the same thread-value layout");
-static_assert(cute::size(FragmentAtom{}) == 256, "the repack moves 16 x 16 atoms");
-using RepackedWLayout = decltype(cute::tile_to_shape(FragmentAtom{}, cute::make_shape(int{}, int{}, int{})));
-
-__host__ __device__ inline RepackedWLayout repacked_w_layout(int64_t n, int64_t k) {
-  return cute::tile_to_shape(FragmentAtom{}, cute::make_shape(int(n), int(k), 1));
-}
-
 constexpr int kRepackThreads = 256;
 
 __global__ void __launch_bounds__(kRepackThreads) nf4_repack_kernel(const __grid_constant__ QloraFwdSm90Params p) {
@@ -186,97 +144,19 @@ __global__ void __launch_bounds__(kRepackThreads) nf4_repack_kernel(const __grid
   for (int c = 0; c < 8; ++c) dst[c] = make_uint4(out[4 * c], out[4 * c + 1], out[4 * c + 2], out[4 * c + 3]);
 }
 
-// ---- the NF4 GEMM: CUTLASS types of one (dtype, tile, weight layout) instance ----------------------------------------
-template <typename Half, class TileShape, WLayout kW>
-struct NF4GemmSm90 {
-  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
-  // A' = w [n, k] K-major (a RowMajor tag, or the repacked cute layout); B' = x [m, k] K-major (ColumnMajor K x m);
-  // C' = D' = [n, m] column-major = y [m, n] row-major.
-  using LayoutW = cute::conditional_t<kW == WLayout::kStored, cutlass::layout::RowMajor, RepackedWLayout>;
-  using LayoutX = cutlass::layout::ColumnMajor;
-  using LayoutY = cutlass::layout::ColumnMajor;
-  static constexpr int kAlignW = 32, kAlignX = 8, kAlignY = 8;  // elements in 16 bytes: TMA's minimum
-
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float,  // accumulator, epilogue compute
-      Half, LayoutY, kAlignY,                                          // C = y as cuBLAS left it
-      Half, LayoutY, kAlignY,                                          // D = y
-      cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
-
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      cute::tuple<nf4_t, Half>, LayoutW, kAlignW,  // A' = NF4 codes + one Half scale per 64 k (ConvertAndScale)
-      Half, LayoutX, kAlignX,                      // B' = x
-      float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-
-  static typename Gemm::Arguments arguments(const QloraFwdSm90Params& p, const cutlass::KernelHardwareInfo& hw) {
-    const int m = int(p.m), n = int(p.n), k = int(p.k);
-    typename Mainloop::StrideA stride_w{};
-    if constexpr (kW == WLayout::kStored) {
-      stride_w = cutlass::make_cute_packed_stride(typename Mainloop::StrideA{}, cute::make_shape(n, k, 1));
-    } else {
-      stride_w = repacked_w_layout(n, k);
-    }
-    const auto stride_x = cutlass::make_cute_packed_stride(typename Mainloop::StrideB{}, cute::make_shape(m, k, 1));
-    const auto stride_scale = cutlass::make_cute_packed_stride(typename Mainloop::StrideScale{},
-                                                               cute::make_shape(n, k / kNF4BlockSize, 1));
-    const auto stride_y = cutlass::make_cute_packed_stride(typename Kernel::StrideC{}, cute::make_shape(n, m, 1));
-    const uint8_t* w_bytes = kW == WLayout::kStored ? p.w.w_nf4 : p.w_repacked;
-    Half* y = static_cast<Half*>(p.y);
-    return typename Gemm::Arguments{
-        cutlass::gemm::GemmUniversalMode::kGemm,
-        {n, m, k, 1},
-        {reinterpret_cast<const nf4_t*>(w_bytes), stride_w, static_cast<const Half*>(p.x), stride_x,
-         static_cast<const Half*>(p.w_scale), stride_scale, kNF4BlockSize},
-        {{1.0f, 1.0f}, y, stride_y, y, stride_y},  // D = 1·acc + 1·C, in place (see the header)
-        hw};
-  }
-
-  static size_t workspace_bytes(const QloraFwdSm90Params& p, const cutlass::KernelHardwareInfo& hw) {
-    return Gemm::get_workspace_size(arguments(p, hw));
-  }
-
-  static void run(const QloraFwdSm90Params& p, const cutlass::KernelHardwareInfo& hw, cudaStream_t stream) {
-    typename Gemm::Arguments args = arguments(p, hw);
-    TORCH_CHECK(Gemm::can_implement(args) == cutlass::Status::kSuccess,
-                "qlora_linear: the sm90 NF4 GEMM cannot run [m, n, k] = [", p.m, ", ", p.n, ", ", p.k,
-                "] (CUTLASS can_implement failed: TMA alignment)");
-    TORCH_CHECK(Kernel::initialize_workspace(args, p.gemm_workspace, stream) == cutlass::Status::kSuccess,
-                "qlora_linear: CUTLASS could not initialize the sm90 GEMM workspace");
-    typename Kernel::Params params = Kernel::to_underlying_arguments(args, p.gemm_workspace);
-    // The dynamic shared memory opt-in is a per-device attribute of the function: set it once per device.
-    static std::atomic<uint64_t> devices_done{0};
-    const uint64_t bit = uint64_t(1) << (hw.device_id & 63);
-    if ((devices_done.load() & bit) == 0) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          int(Kernel::SharedStorageSize)));
-      devices_done.fetch_or(bit);
-    }
-    const cutlass::Status status = Gemm::run(params, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    TORCH_CHECK(status == cutlass::Status::kSuccess, "qlora_linear: the sm90 NF4 GEMM failed to launch (",
-                cutlass::cutlassGetStatusString(status), ")");
-  }
-};
-
-// f(NF4GemmSm90<...>{}) for the instance serving (dtype, tile, weight layout): 2 x 2 x 2 instantiations.
+// f(NF4GemmSm90<...>{}) for the instance serving (dtype, tile, weight layout): the 2 x 2 x 2 instances of
+// csrc/instantiations/.
 template <typename F>
 void dispatch_gemm(at::ScalarType dtype, Sm90Tile tile, WLayout wlayout, F&& f) {
   dispatch_half(dtype, [&](auto tag) {
     using Half = typename CutlassHalf<decltype(tag)>::type;
-    auto with_tile = [&](auto tile_shape) {
-      using TileShape = decltype(tile_shape);
-      if (wlayout == WLayout::kStored) f(NF4GemmSm90<Half, TileShape, WLayout::kStored>{});
-      else f(NF4GemmSm90<Half, TileShape, WLayout::kRepacked>{});
+    auto with_tile = [&](auto tile_tag) {
+      constexpr Sm90Tile kTile = decltype(tile_tag)::value;
+      if (wlayout == WLayout::kStored) f(NF4GemmSm90<Half, kTile, WLayout::kStored>{});
+      else f(NF4GemmSm90<Half, kTile, WLayout::kRepacked>{});
     };
-    if (tile == Sm90Tile::k128x256) with_tile(cute::Shape<cute::_128, cute::_256, cute::_64>{});
-    else with_tile(cute::Shape<cute::_128, cute::_128, cute::_64>{});
+    if (tile == Sm90Tile::k128x256) with_tile(std::integral_constant<Sm90Tile, Sm90Tile::k128x256>{});
+    else with_tile(std::integral_constant<Sm90Tile, Sm90Tile::k128x128>{});
   });
 }
 

@@ -5,6 +5,7 @@
 #
 #   STAGES="build test sanitize probe bench" bash scripts/gpu_check.sh      # default: all five
 #   STAGES="build bench" BENCH_ARGS="-m layer --bench-shapes 4096x14336" bash scripts/gpu_check.sh
+#   STAGES="build ncu" NCU_KERNELS=gemv NCU_ARGS="--path gemv --cells 4096x4096:1 --calls 1" bash scripts/gpu_check.sh
 #
 # Env: OUT (results folder, default ./gpu_out), TORCH_CUDA_ARCH_LIST (default 9.0a), MAX_JOBS (default: all
 # cores), PYTEST_ARGS (extra args for the test stage), SAN_TOOLS (sanitizer tools besides initcheck, default
@@ -74,6 +75,14 @@ fi
 if has profile; then  # not in the default stages: host-side cost of one layer call, per implementation
   stage profile $PY scripts/profile_layer.py
 fi
+if has ncu; then  # not in the default stages: Nsight Compute over the kernels of chosen cells (scripts/kernel_cells.py)
+  # NCU_KERNELS: a kernel-name regex; NCU_ARGS: kernel_cells.py's arguments. Every matching launch is profiled,
+  # the warm-up call's too (keep --calls small); kernel_cells.py's per-cell lines tell the cells apart.
+  stage ncu ncu --clock-control none --kernel-name "regex:${NCU_KERNELS:-gemv}" \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
+    --section WarpStateStats --section SchedulerStats \
+    $PY scripts/kernel_cells.py ${NCU_ARGS:---path gemv --cells 4096x1024:1 4096x4096:1 4096x4096:16 14336x4096:16 --calls 1}
+fi
 if has bench; then
   stage bench $PY -m pytest bench -q -p no:cacheprovider --bench-out "$OUT/bench" ${BENCH_ARGS:-}
 fi
@@ -85,6 +94,8 @@ tail -n 12 "$LOGS/san_initcheck_gate.log" 2>/dev/null
 grep -vE '^\{' "$LOGS/probe.log" 2>/dev/null
 grep -A12 "^summary" "$LOGS/probe_sm90.log" 2>/dev/null
 grep -E "^===|Self CPU time total" "$LOGS/profile.log" 2>/dev/null
+grep -E "^kernel_cells:|^  [a-z_].*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" \
+  "$LOGS/ncu.log" 2>/dev/null | head -120
 [ -f "$LOGS/bench.log" ] && tail -n 40 "$LOGS/bench.log"
 tar -C "$OUT" -czf "$OUT/gpu_check.tgz" logs $( [ -d "$OUT/bench" ] && echo bench ) && rm -rf "$LOGS" "$OUT/bench"
 echo "--- summary"; tar -xzOf "$OUT/gpu_check.tgz" logs/summary.txt

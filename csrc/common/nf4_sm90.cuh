@@ -30,6 +30,9 @@
 
 #include <cstdint>
 
+// First the collective builders: CUTLASS's mixed_input_utils.hpp names cute's _1, _2, ... unqualified inside namespace
+// cutlass and compiles only after a header that brings cute into that namespace (the builders do).
+#include <cutlass/gemm/collective/collective_builder.hpp>
 #include <cute/arch/mma_sm90.hpp>  // SM90::GMMA::rs_op_selector
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cute/tensor.hpp>
