@@ -92,6 +92,22 @@ def versus_bnb(doc) -> tuple[int, list]:
     return le, slower
 
 
+LARGE_M, VS_CUBLAS = 2048, {"fwd": 1.05, "fwd+bwd": 1.10}  # the Hopper kernels' targets against cuBLAS bf16
+
+
+def versus_cublas(doc) -> dict:
+    """mode -> [(row key, qlora_ext ÷ cuBLAS)] over the rows at m >= LARGE_M, on GPU time: the graph replays' where
+    both have one (host-bound cells), else the event medians."""
+    out = defaultdict(list)
+    for key, row in _rows(doc).items():
+        ours, cublas = row.get("qlora_ext"), row.get("cublas")
+        if key[1] >= LARGE_M and key[3] in VS_CUBLAS and _ok(ours) and _ok(cublas):
+            graphed = ours.get("graph_ms") is not None and cublas.get("graph_ms") is not None
+            field = "graph_ms" if graphed else "median_ms"
+            out[key[3]].append((key, ours[field] / cublas[field]))
+    return out
+
+
 def _summary(doc) -> list[str]:
     le, slower = versus_bnb(doc)
     out = [f"qlora_ext (auto dispatch) ≤ bnb+PEFT in **{le} of {le + len(slower)}** cells"
@@ -106,6 +122,12 @@ def _summary(doc) -> list[str]:
                    f"{len(graphs) - len(slower)} of {len(graphs)} cells" + (
                        "; slower in: " + ", ".join(f"{k[0]} m={k[1]} r={k[2]} {x:.2f}×" for k, x in slower)
                        if slower else "."))
+    for mode, ratios in versus_cublas(doc).items():
+        x = sorted(r for _, r in ratios)
+        out.append(f"m ≥ {LARGE_M}, {mode}, qlora_ext ÷ cuBLAS bf16 (graph replays where both have one): "
+                   f"≤ {VS_CUBLAS[mode]:.2f}× in "
+                   f"{sum(r <= VS_CUBLAS[mode] for r in x)} of {len(x)} cells; median {x[len(x) // 2]:.2f}×, "
+                   f"worst {x[-1]:.2f}×.")
     timed = [c for c in doc.get("cells", []) if _ok(c)]
     peaks = defaultdict(dict)
     for c in timed:

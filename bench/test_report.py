@@ -134,6 +134,20 @@ def test_report(synth, tmp_path):
     assert (tmp_path / "2026-12-01-h200.png").stat().st_size > 10_000
 
 
+def test_versus_cublas_uses_graph_times_where_both_have_them():
+    def cell(impl, m, mode, ms, graph=None):
+        return {"shape": "4096x4096", "m": m, "r": 16, "mode": mode, "implementation": impl, "status": "ok",
+                "median_ms": ms, **({"graph_ms": graph} if graph is not None else {})}
+    doc = {"cells": [cell("qlora_ext", 2048, "fwd", 0.3, 0.1), cell("cublas", 2048, "fwd", 0.1, 0.1),  # host-bound
+                     cell("qlora_ext", 8192, "fwd", 1.2), cell("cublas", 8192, "fwd", 1.0, 0.9),  # one replay only
+                     cell("qlora_ext", 16, "fwd", 0.05, 0.01), cell("cublas", 16, "fwd", 0.02, 0.02),  # small m
+                     cell("qlora_ext", 2048, "fwd+bwd", 0.5), cell("cublas", 2048, "fwd+bwd", 0.5)]}
+    got = {mode: sorted(r for _, r in v) for mode, v in report.versus_cublas(doc).items()}
+    assert got == {"fwd": [1.0, pytest.approx(1.2)], "fwd+bwd": [1.0]}
+    assert "m ≥ 2048, fwd, qlora_ext ÷ cuBLAS bf16 (graph replays where both have one): ≤ 1.05× in 1 of 2 cells" in (
+        "\n".join(report._summary({**doc, "cells": [{**c, "host_bound": False} for c in doc["cells"]]})))
+
+
 def test_command_line(synth, tmp_path):
     for args in (["bench.report", str(synth), "--results-md", "none"],
                  ["bench.policy", str(synth), "--out", str(tmp_path / "p.json")]):
