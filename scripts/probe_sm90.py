@@ -1,6 +1,7 @@
 """Time the Hopper forward op torch.ops.qlora_ext._sm90_fwd (csrc/qlora_fwd_sm90.cu) on the Llama-3 8B/70B linear
 shapes, next to the floors it is measured against. One H100/H200, bf16, r = 16, no bias, no dropout, double-quantized
-NF4. CUDA-event medians with an L2 flush between calls (bench/_timing.gpu_time: triton's do_bench protocol).
+NF4. The columns of a cell are timed interleaved, as the bench times a row (bench/_timing.gpu_times: CUDA events, an
+L2 flush and a lead-in call before each timed call, Williams-order rounds, so no column inherits another's clocks).
 
 Columns, per (k -> n, m):
   cublas        x @ Wᵀ on the dequantized bf16 weight (the speed the NF4 GEMM should match)
@@ -21,6 +22,7 @@ JSON: --out, default $OUT/probe_sm90.json when OUT is set (else no file); a list
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -55,6 +57,15 @@ def parse_args():
 def set_variant(tile, wlayout):
     os.environ["QLORA_EXT_SM90_TILE"] = tile
     os.environ["QLORA_EXT_SM90_WLAYOUT"] = wlayout
+
+
+def variant(tile, wlayout):
+    """A context manager factory for gpu_times: the variant's environment around each call (read per call)."""
+    @contextlib.contextmanager
+    def ctx():
+        set_variant(tile, wlayout)
+        yield
+    return ctx
 
 
 def decode_gemm_forward():
@@ -128,22 +139,30 @@ def main():
             x = torch.randn(m, k, device=dev, generator=g).to(dt)
             est = 2.0 * m * n * k / 700e12 * 1e3  # ms at ~700 TFLOP/s
             base = dict(k=k, n=n, m=m)
-            t = _timing.gpu_time(lambda: x @ W.t(), est_ms=est)
-            meta["timer"] = t["timer"]
-            cublas_ms = t["median_ms"]
-            record(**base, column="cublas", median_ms=cublas_ms, ratio_vs_cublas=1.0, spread=t["spread"])
             y_ref = torch.addmm(x @ W.t(), x @ A.t(), B.t(), alpha=S)  # cuBLAS base + the LoRA term
-            t = _timing.gpu_time(lambda: decode_fwd(x, w_list, A, B, None, S, 0.0, 0), est_ms=est * 1.1)
-            record(**base, column="decode_gemm", median_ms=t["median_ms"], ratio_vs_cublas=t["median_ms"] / cublas_ms,
-                   spread=t["spread"])
+            call = lambda: ops._sm90_fwd(x, w_list, A, B, None, S, 0.0, 0)  # noqa: E731
+            errs = {}
             for tile, wlayout in VARIANTS:
                 set_variant(tile, wlayout)
-                call = lambda: ops._sm90_fwd(x, w_list, A, B, None, S, 0.0, 0)  # noqa: E731
-                err = fro_rel(call()[0], y_ref)
-                t = _timing.gpu_time(call, est_ms=est * 1.1)
+                errs[(tile, wlayout)] = fro_rel(call()[0], y_ref)
+            times = _timing.gpu_times(
+                [(lambda: x @ W.t(), (), est, contextlib.nullcontext),
+                 (lambda: decode_fwd(x, w_list, A, B, None, S, 0.0, 0), (), est * 1.1, contextlib.nullcontext)]
+                + [(call, (), est * 1.1, variant(tile, wlayout)) for tile, wlayout in VARIANTS])
+            for t in times:
+                if isinstance(t, BaseException):
+                    raise t
+            meta["timer"] = times[0]["timer"]
+            cublas_ms = times[0]["median_ms"]
+            record(**base, column="cublas", median_ms=cublas_ms, ratio_vs_cublas=1.0, spread=times[0]["spread"])
+            t = times[1]
+            record(**base, column="decode_gemm", median_ms=t["median_ms"], ratio_vs_cublas=t["median_ms"] / cublas_ms,
+                   spread=t["spread"])
+            for (tile, wlayout), t in zip(VARIANTS, times[2:]):
+                set_variant(tile, wlayout)
                 var = dict(base, tile=tile, wlayout=wlayout)
                 record(**var, column="sm90", median_ms=t["median_ms"], ratio_vs_cublas=t["median_ms"] / cublas_ms,
-                       spread=t["spread"], fro_rel=err)
+                       spread=t["spread"], fro_rel=errs[(tile, wlayout)])
                 kt = kernel_times_ms(call, args.profile_calls)
                 if kt["gemm"] is not None:
                     record(**var, column="sm90_gemm", median_ms=kt["gemm"], ratio_vs_cublas=kt["gemm"] / cublas_ms)
