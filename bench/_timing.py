@@ -14,6 +14,7 @@ WARMUP_MS, REP_MS = 10.0, 20.0  # gpu_time (a single call, do_bench): warm-up, t
 FLUSH_BYTES = 256 << 20  # triton's L2 flush: zero a 256 MB buffer before every timed call
 HOST_BOUND = 0.8  # host launch time >= this fraction of the event-timed median: the host sets the pace
 WARMUP_ROUNDS, ROUNDS_MIN, ROUNDS_MAX, ROW_MS = 2, 9, 60, 60.0  # gpu_times: the rounds of a row (see there)
+LEAD_IN_MAX_MS = 5.0  # gpu_times: calls estimated longer than this skip the lead-in call (_Clock.time says why)
 
 
 def do_bench(fn, warmup_ms: float, rep_ms: float, grads=()) -> tuple[list[float], str]:
@@ -66,14 +67,16 @@ class _Clock:
         self.torch = torch
         self.flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=_impls.DEVICE)
 
-    def time(self, fn, grads, context):
+    def time(self, fn, grads, context, lead_in=True):
         with context():
             # A lead-in call first: while the GPU runs it, the host launches the timed call, as in a training step's
             # back-to-back layers. So a GPU-bound call measures its GPU time, a host-bound one its host pace, and
-            # neither depends on what the previous column left in the queue.
-            for t in grads:
-                t.grad = None
-            fn()
+            # neither depends on what the previous column left in the queue. A long call needs none: its first
+            # launch hides behind the flush and the rest behind its own kernels.
+            if lead_in:
+                for t in grads:
+                    t.grad = None
+                fn()
             for t in grads:
                 t.grad = None
             self.flush.zero_()
@@ -114,7 +117,7 @@ def gpu_times(calls) -> list:
     (so each column always followed the same one) still 5-11 %: the column after cuBLAS slow, the one after the
     low-power mma.sync column fast. So each round times every column once in the order of a Williams design
     (williams_order): over one period every column follows every other exactly once, and the carry-over averages
-    out. Each timed call follows an untimed call of its own column (_Clock.time says why). Two untimed rounds warm
+    out. Each timed call up to LEAD_IN_MAX_MS follows an untimed call of its own column (_Clock.time says why). Two untimed rounds warm
     up; then about ROW_MS of the row's calls, ROUNDS_MIN..ROUNDS_MAX rounds, in whole periods of the design.
     Per call: {median_ms (median of all its samples), repeat_ms (the medians of the first, second and last third of
     the rounds), spread ((max - min) / median of those), samples, timer}, or the exception it raised (the call then
@@ -131,9 +134,9 @@ def gpu_times(calls) -> list:
         for j in order:
             if isinstance(out[j], BaseException):
                 continue
-            fn, grads, _, context = calls[j]
+            fn, grads, est_ms, context = calls[j]
             try:
-                handles.append((j, clock.time(fn, grads, context)))
+                handles.append((j, clock.time(fn, grads, context, lead_in=est_ms <= LEAD_IN_MAX_MS)))
             except Exception as e:  # noqa: BLE001  (recorded for this call; the others go on)
                 out[j] = e
         try:

@@ -13,7 +13,7 @@ def _recorder(monkeypatch, fail=()):
     log = []
 
     class Clock:
-        def time(self, fn, grads, context):
+        def time(self, fn, grads, context, lead_in=True):
             with context() as inside:
                 log.append((fn.__name__, inside))
                 if fn.__name__ in fail:
@@ -153,3 +153,7 @@ def test_the_clock_times_the_second_of_two_back_to_back_calls():
     clock.time(fn, [grad], ctx)
     assert log == ["enter", "fn grad=None", "flush", "new event0", "new event1", "record event0", "fn grad=None",
                    "record event1", "exit"]
+    log.clear()
+    clock.time(fn, [grad], ctx, lead_in=False)  # a long call: no lead-in
+    assert log == ["enter", "flush", "new event0", "new event1", "record event0", "fn grad=None", "record event1",
+                   "exit"]
