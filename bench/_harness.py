@@ -27,8 +27,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 PROTOCOL = {
     "layers": (f"the columns of a row interleaved: each round times every column once, in the order of a "
                f"Williams design (over a period every column follows every other equally often); each timed call "
-               f"of up to {_timing.LEAD_IN_MAX_MS:g} ms follows an untimed one of its own (the host launches it "
-               f"while the GPU runs that one, as in training), then a {_timing.FLUSH_BYTES >> 20} MB L2 flush, and "
+               f"follows a {_timing.FLUSH_BYTES >> 20} MB L2 flush and, up to {_timing.LEAD_IN_MAX_MS:g} ms, an "
+               f"untimed call of its own (the host launches it while the GPU runs that one, as in training), and "
                f"is CUDA-event timed (triton.testing.do_bench's per-call protocol); {_timing.WARMUP_ROUNDS} untimed rounds, then whole periods, about "
                f"{_timing.ROUNDS_MIN}-{_timing.ROUNDS_MAX} rounds (enough for {_timing.ROW_MS:g} ms of the row's "
                f"calls); a cell's time is the median of its samples"),
