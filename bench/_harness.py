@@ -29,9 +29,9 @@ PROTOCOL = {
                f"Williams design (over a period every column follows every other equally often); each timed call "
                f"follows a {_timing.FLUSH_BYTES >> 20} MB L2 flush and, up to {_timing.LEAD_IN_MAX_MS:g} ms, an "
                f"untimed call of its own (the host launches it while the GPU runs that one, as in training), and "
-               f"is CUDA-event timed (triton.testing.do_bench's per-call protocol); {_timing.WARMUP_ROUNDS} untimed rounds, then whole periods, about "
-               f"{_timing.ROUNDS_MIN}-{_timing.ROUNDS_MAX} rounds (enough for {_timing.ROW_MS:g} ms of the row's "
-               f"calls); a cell's time is the median of its samples"),
+               f"is CUDA-event timed (triton.testing.do_bench's per-call protocol); {_timing.WARMUP_ROUNDS} "
+               f"untimed rounds, then whole periods, about {_timing.ROUNDS_MIN}-{_timing.ROUNDS_MAX} rounds (enough "
+               f"for {_timing.ROW_MS:g} ms of the row's calls); a cell's time is the median of its samples"),
     "spread": "(max - min) / median of the medians of the first, second and last third of the rounds",
     "host_bound": (f"host launch time of a call (GPU idle at its start) >= {_timing.HOST_BOUND} x its event-timed "
                    "median: the host, not the GPU, sets the pace"),

@@ -3,7 +3,6 @@ time and peak memory per call (through pytest-benchmark), and the GEMM / copy ce
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
@@ -110,15 +109,15 @@ def gpu_times(calls) -> list:
     ``context()`` a context manager that each call of fn runs inside (the forced path of a column); ``est_ms``, a
     rough time per call, sets the number of rounds.
 
-    Why interleaved: an H200's clocks follow its power draw with a lag of more than a call, so a call inherits the
-    state its predecessor left. Timed in blocks per column (even with the row's cuBLAS GEMM run for 40 ms before
-    every block), the auto column and the forced decode_gemm column, the same kernels, came out 3-6 % apart at
-    m >= 8192 (2026-12-01: 12.05 vs 11.68 ms for 28672→8192, m = 16384); interleaved with the order merely rotated
-    (so each column always followed the same one) still 5-11 %: the column after cuBLAS slow, the one after the
-    low-power mma.sync column fast. So each round times every column once in the order of a Williams design
-    (williams_order): over one period every column follows every other exactly once, and the carry-over averages
-    out. Each timed call up to LEAD_IN_MAX_MS follows an untimed call of its own column (_Clock.time says why). Two untimed rounds warm
-    up; then about ROW_MS of the row's calls, ROUNDS_MIN..ROUNDS_MAX rounds, in whole periods of the design.
+    Why interleaved: an H200's clocks follow its power draw with a lag of more than a call, so a call inherits the state
+    its predecessor left. Timed in blocks per column (even with the row's cuBLAS GEMM run for 40 ms before every block),
+    the auto column and the forced decode_gemm column, the same kernels, came out 3-6 % apart at m >= 8192 (2026-12-01:
+    12.05 vs 11.68 ms for 28672→8192, m = 16384); interleaved with the order merely rotated (so each column always
+    followed the same one) still 5-11 %: the column after cuBLAS slow, the one after the low-power mma.sync column fast.
+    So each round times every column once in the order of a Williams design (williams_order): over one period every
+    column follows every other exactly once, and the carry-over averages out. Each timed call up to LEAD_IN_MAX_MS
+    follows an untimed call of its own column (_Clock.time says why). Two untimed rounds warm up; then about ROW_MS of
+    the row's calls, ROUNDS_MIN..ROUNDS_MAX rounds, in whole periods of the design.
     Per call: {median_ms (median of all its samples), repeat_ms (the medians of the first, second and last third of
     the rounds), spread ((max - min) / median of those), samples, timer}, or the exception it raised (the call then
     leaves the rounds)."""
