@@ -27,8 +27,14 @@ LABELS = {"cublas": "cuBLAS bf16", "reference": "reference (unfused)", "bnb_peft
 # default sweep. The default sweep times it up to this m; naming it in --bench-cols times it at every m.
 REFERENCE_MAX_M = 2048
 # Cells up to this m (and host-bound cells at any m) are also timed as CUDA-graph replays: there the host's launch
-# cost exceeds the GPU work of every column, so the event timing measures Python, not kernels.
-GRAPH_MAX_M = 16
+# cost exceeds the GPU work of most columns, so the event timing follows the host's pace and its jitter, not the
+# kernels; every column of such a row has a replay, so the row compares GPU time with GPU time.
+GRAPH_MAX_M = 128
+# Cells whose synchronized call takes at most this long (ms) are replayed too, whatever their host time: in a row
+# with host-bound columns the GPU-bound ones (cuBLAS) need a replay for the row to compare GPU time with GPU time.
+GRAPH_WALL_MS = 1.0
+# The small-m forward target: faster than cuBLAS bf16 (GPU time) at every m up to this.
+SMALL_M = 16
 
 
 def columns(paths) -> tuple[str, ...]:

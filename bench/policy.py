@@ -4,17 +4,18 @@
 
 Several JSONs (parts of one sweep run as separate commands, on the same GPU) are read as one sweep.
 
-shape_class(n, k) = "small" if n*k <= 2**25, else "expand" if n >= k, else "reduce". For the measured m values
-m_1 < ... < m_j, bucket i covers m <= floor(sqrt(m_i * m_(i+1))), the last one any larger m (m_max null). Per
-(shape_class, bucket) the forward path is the one slower than bnb+PEFT in the fewest of the class's measured cells
-at m_i (shapes and ranks), and among those the one whose worst ratio to the fastest path is smallest (fwd cells). The backward path is chosen the same way on the fwd+bwd cells of
-the paths that have a backward (gemv has none): comparing whole fwd+bwd times, not a difference of two noisy
-figures. A backward cell where every candidate is host-bound measures Python overhead, not the GPU work the path
-adds to a training step (in a model, one layer's host work overlaps the GPU work of the layers before it), so a
-bucket whose cells are all host-bound takes the backward choice of the nearest bucket (in log m) that has GPU-bound
-evidence, and its "why" says so. A path with an error or no figure in a cell of the group is not a candidate. Then
-every measured cell is checked: the chosen paths must not be slower than bnb+PEFT, and each cell where they are is
-printed.
+shape_class(n, k) = "small" if n*k <= 2**25, else "expand" if n >= k, else "reduce". For the measured m values m_1 <
+... < m_j, bucket i covers m <= floor(sqrt(m_i * m_(i+1))), the last one any larger m (m_max null). Figures are GPU
+times: CUDA-graph replays where the sweep has one for every path and bnb+PEFT (m <= 128, host-bound cells), else the
+event medians. Per (shape_class, bucket) the forward path is the one slower than bnb+PEFT in the fewest of the
+class's measured cells at m_i (shapes and ranks), and among those the one whose worst ratio to the fastest path is
+smallest (fwd cells). The backward path is chosen the same way on the fwd+bwd cells of the paths that have a
+backward (gemv has none): comparing whole fwd+bwd times, not a difference of two noisy figures. A backward cell
+where every candidate is host-bound measures Python overhead, not the GPU work the path adds to a training step (in
+a model, one layer's host work overlaps the GPU work of the layers before it), so a bucket whose cells are all host-
+bound takes the backward choice of the nearest bucket (in log m) that has GPU-bound evidence, and its "why" says so.
+A path with an error or no figure in a cell of the group is not a candidate. Then every measured cell is checked:
+the chosen paths must not be slower than bnb+PEFT, and each cell where they are is printed.
 """
 
 from __future__ import annotations
@@ -51,8 +52,13 @@ def _phase(fig: dict, phase: str) -> float | None:
 
 
 def _collect(doc):
-    """({(shape, k, n, m, r): {implementation: {mode: ms}}}, {(key, implementation) that errored}, paths)."""
+    """({(shape, k, n, m, r): {implementation: {mode: ms}}}, {(key, implementation) that errored}, paths).
+
+    The figures are GPU times as bench.report judges them: in a (cell, mode) where every qlora_ext[<path>] and
+    bnb+PEFT have a CUDA-graph replay time (every cell at m <= 128, and the host-bound ones, whose event timing
+    follows the host's launch pace), the replay times; else the event medians."""
     figs: dict = defaultdict(lambda: defaultdict(dict))
+    graphs: dict = defaultdict(dict)
     errors, paths = set(), []
     for c in doc["cells"]:
         key, impl = (c["shape"], c["k"], c["n"], c["m"], c["r"]), c["implementation"]
@@ -62,8 +68,16 @@ def _collect(doc):
             figs[key][impl][c["mode"]] = c["median_ms"]
             if c.get("host_bound"):
                 HOST_BOUND.add((key, impl, c["mode"]))
+            if c.get("graph_ms") is not None:
+                graphs[(key, c["mode"])][impl] = c["graph_ms"]
         elif c["status"] == "error":
             errors.add((key, impl))
+    for (key, mode), g in graphs.items():
+        judged = [i for i in figs[key] if mode in figs[key][i] and (i.startswith("qlora_ext[") or i == "bnb_peft")]
+        if judged and all(i in g for i in judged):
+            for i in judged:
+                figs[key][i][mode] = g[i]
+                HOST_BOUND.discard((key, i, mode))  # the replay measured the GPU work
     return figs, errors, paths
 
 

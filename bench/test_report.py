@@ -148,6 +148,34 @@ def test_versus_cublas_uses_graph_times_where_both_have_them():
         "\n".join(report._summary({**doc, "cells": [{**c, "host_bound": False} for c in doc["cells"]]})))
 
 
+def test_versus_bnb_judges_gpu_time_and_in_host_bound_rows_the_slower_of_host_and_gpu():
+    def cell(impl, m, ms, graph=None, host=0.01, hb=False):
+        return {"shape": "4096x4096", "m": m, "r": 16, "mode": "fwd", "implementation": impl, "status": "ok",
+                "median_ms": ms, "host_ms": host, "host_bound": hb, **({"graph_ms": graph} if graph else {})}
+    doc = {"cells": [cell("qlora_ext", 1, 0.3, 0.03, 0.2, True), cell("bnb_peft", 1, 0.1, 0.05, 0.4, True),
+                     cell("qlora_ext", 16, 0.1, 0.03, 0.5, True), cell("bnb_peft", 16, 0.2, 0.05, 0.4, True),
+                     cell("qlora_ext", 2048, 1.0), cell("bnb_peft", 2048, 0.9, 0.1)]}  # one replay: medians
+    le, slower = report.versus_bnb(doc)  # m=1: max(0.2, 0.03) / max(0.4, 0.05); m=16: 0.5 / 0.4
+    assert le == 1 and [(k[1], round(x, 3), hb) for k, x, hb in slower] == [(16, 1.25, True), (2048, 1.111, False)]
+
+
+def test_policy_judges_on_replays_where_every_path_and_bnb_have_one():
+    def cell(impl, m, ms, graph=None, hb=False):
+        return {"shape": "4096x4096", "k": 4096, "n": 4096, "m": m, "r": 16, "mode": "fwd", "implementation": impl,
+                "status": "ok", "median_ms": ms, "host_bound": hb, **({"graph_ms": graph} if graph else {})}
+    policy.HOST_BOUND.clear()
+    doc = {"cells": [cell("qlora_ext[a]", 128, 0.1, 0.1), cell("qlora_ext[b]", 128, 0.3, 0.04, True),
+                     cell("bnb_peft", 128, 0.06, 0.05, True),
+                     cell("qlora_ext[a]", 2048, 0.5), cell("qlora_ext[b]", 2048, 0.6, 0.2, True),
+                     cell("bnb_peft", 2048, 0.9)]}
+    figs, _, _ = policy._collect(doc)
+    key = ("4096x4096", 4096, 4096, 128, 16)
+    assert {i: f["fwd"] for i, f in figs[key].items()} == {"qlora_ext[a]": 0.1, "qlora_ext[b]": 0.04, "bnb_peft": 0.05}
+    assert (key, "qlora_ext[b]", "fwd") not in policy.HOST_BOUND
+    assert figs[(*key[:3], 2048, 16)]["qlora_ext[b]"]["fwd"] == 0.6  # a has no replay there: event medians
+    assert policy._choose(figs, set(), [key], ["a", "b"], "fwd")[0] == "b"
+
+
 def test_command_line(synth, tmp_path):
     for args in (["bench.report", str(synth), "--results-md", "none"],
                  ["bench.policy", str(synth), "--out", str(tmp_path / "p.json")]):
