@@ -6,16 +6,17 @@ Several JSONs (parts of one sweep run as separate commands, on the same GPU) are
 
 shape_class(n, k) = "small" if n*k <= 2**25, else "expand" if n >= k, else "reduce". For the measured m values m_1 <
 ... < m_j, bucket i covers m <= floor(sqrt(m_i * m_(i+1))), the last one any larger m (m_max null). Figures are GPU
-times: CUDA-graph replays where the sweep has one for every path and bnb+PEFT (m <= 128, host-bound cells), else the
-event medians. Per (shape_class, bucket) the forward path is the one slower than bnb+PEFT in the fewest of the
-class's measured cells at m_i (shapes and ranks), and among those the one whose worst ratio to the fastest path is
-smallest (fwd cells). The backward path is chosen the same way on the fwd+bwd cells of the paths that have a
-backward (gemv has none): comparing whole fwd+bwd times, not a difference of two noisy figures. A backward cell
-where every candidate is host-bound measures Python overhead, not the GPU work the path adds to a training step (in
-a model, one layer's host work overlaps the GPU work of the layers before it), so a bucket whose cells are all host-
-bound takes the backward choice of the nearest bucket (in log m) that has GPU-bound evidence, and its "why" says so.
-A path with an error or no figure in a cell of the group is not a candidate. Then every measured cell is checked:
-the chosen paths must not be slower than bnb+PEFT, and each cell where they are is printed.
+times: CUDA-graph replays where the sweep has one for every path and bnb+PEFT (m <= 128, calls <= 1 ms, host-bound
+cells), else the event medians. Per (shape_class, bucket) the forward path is the one slower than bnb+PEFT in the
+fewest of the class's measured cells at m_i (shapes and ranks), and among those the one whose worst ratio to the
+fastest path is smallest (fwd cells). The backward path is chosen the same way on the fwd+bwd cells of the paths
+that have a backward (gemv has none): comparing whole fwd+bwd times, not a difference of two noisy figures. A
+backward cell where every candidate is host-bound measures Python overhead, not the GPU work the path adds to a
+training step (in a model, one layer's host work overlaps the GPU work of the layers before it), so a bucket whose
+cells are all host- bound takes the backward choice of the nearest bucket (in log m) that has GPU-bound evidence,
+and its "why" says so. A path with an error or no figure in a cell of the group is not a candidate. Then every
+measured cell is checked: the chosen paths must not be slower than bnb+PEFT, and each cell where they are is
+printed.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def _collect(doc):
     """({(shape, k, n, m, r): {implementation: {mode: ms}}}, {(key, implementation) that errored}, paths).
 
     The figures are GPU times as bench.report judges them: in a (cell, mode) where every qlora_ext[<path>] and
-    bnb+PEFT have a CUDA-graph replay time (every cell at m <= 128, and the host-bound ones, whose event timing
-    follows the host's launch pace), the replay times; else the event medians."""
+    bnb+PEFT have a CUDA-graph replay time (cells at m <= 128, calls of at most 1 ms and host-bound cells,
+    whose event timing follows the host's launch pace), the replay times; else the event medians."""
     figs: dict = defaultdict(lambda: defaultdict(dict))
     graphs: dict = defaultdict(dict)
     errors, paths = set(), []

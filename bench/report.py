@@ -80,9 +80,9 @@ def _cell(c) -> str:
 
 
 def gpu_pair(a, b) -> tuple[float, float]:
-    """GPU times of two cells of one row: the graph replays' when both have one (every cell at m <= 128 and the
-    host-bound ones, whose event timing follows the host's launch pace and its jitter, not the GPU), else the event
-    medians."""
+    """GPU times of two cells of one row: the graph replays' when both have one (cells at m <= 128, calls of at
+    most 1 ms and host-bound cells, whose event timing follows the host's launch pace and its jitter, not the GPU),
+    else the event medians."""
     field = "graph_ms" if a.get("graph_ms") is not None and b.get("graph_ms") is not None else "median_ms"
     return a[field], b[field]
 
@@ -181,7 +181,7 @@ def _graph_section(doc) -> list[str]:
     if not graphs:
         return []
     cols = [c for c in _columns(doc) if any(c in g for g in graphs.values())]
-    L = ["## Small m and host-bound cells under CUDA graphs", "",
+    L = ["## Cells under CUDA graphs (small m, short and host-bound calls)", "",
          "ms per call captured in a CUDA graph and replayed (same protocol as the layers): the GPU time of a call "
          "without the host's launch cost, which dominates the event timing of these cells. "
          "— = not captured (reason in the JSON's graph_reason).", "",

@@ -129,7 +129,7 @@ def test_report(synth, tmp_path):
     assert "| bnb+PEFT | 2 | 45.0 | 91,022 | 1.33 |" in md and "RuntimeError: boom" in md and "workspace" in md
     assert "/tmp" not in md and "issue" not in md.lower()
     assert "Small-m forward, GPU time of CUDA-graph replays: qlora_ext ≤ cuBLAS bf16 in 0 of 12 cells" in md
-    assert "## Small m and host-bound cells under CUDA graphs" in md and "| 4096→4096 | 1 | 16 | fwd | " in md and " | 1.50 |" in md
+    assert "## Cells under CUDA graphs (small m, short and host-bound calls)" in md and "| 4096→4096 | 1 | 16 | fwd | " in md and " | 1.50 |" in md
     pytest.importorskip("matplotlib")
     assert (tmp_path / "2026-12-01-h200.png").stat().st_size > 10_000
 
