@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import operator
 import os
 import sys
 from collections import defaultdict
@@ -87,6 +86,12 @@ def gpu_pair(a, b) -> tuple[float, float]:
     return a[field], b[field]
 
 
+def gpu_ratio(a, b) -> float:
+    """a ÷ b on GPU time (gpu_pair)."""
+    x, y = gpu_pair(a, b)
+    return x / y
+
+
 def versus(ours, other) -> float:
     """qlora_ext ÷ other as the summary judges it: GPU time (gpu_pair); in a row where either is host-bound, the
     ratio of max(host launch time, GPU time): a stream of such calls runs at the pace of the slower of the two."""
@@ -121,7 +126,7 @@ def versus_cublas(doc) -> dict:
     for key, row in _rows(doc).items():
         ours, cublas = row.get("qlora_ext"), row.get("cublas")
         if key[1] >= LARGE_M and key[3] in VS_CUBLAS and _ok(ours) and _ok(cublas):
-            out[key[3]].append((key, operator.truediv(*gpu_pair(ours, cublas))))
+            out[key[3]].append((key, gpu_ratio(ours, cublas)))
     return out
 
 
@@ -227,7 +232,7 @@ def _table(keys, rows, cols, fmt, ratios=()) -> list[str]:
     """Rows (m, r, mode), a column per implementation, then qlora_ext ÷ each of ``ratios``."""
     def ratio(row, b):
         ok = _ok(row.get("qlora_ext")) and _ok(row.get(b))
-        return f"{operator.truediv(*gpu_pair(row['qlora_ext'], row[b])):.2f}" if ok else "—"
+        return f"{gpu_ratio(row['qlora_ext'], row[b]):.2f}" if ok else "—"
 
     out = ["| m | r | mode | " + " | ".join([*map(_sweep.label, cols), *(h for h, _ in ratios)]) + " |",
            "|" + "---|" * (3 + len(cols) + len(ratios))]
